@@ -1,0 +1,445 @@
+"""The detection head with guided anchoring, and the composed detector - paper Sec. 3.1 and 3.4.
+
+Per pyramid level (stride 32, 16, 8), as the ASFF authors released it:
+    S = 4 prediction slots per position: 3 anchor-based slots (the level's 3 of the 9 anchors)
+        and slot 3, an anchor-free slot whose base size is 4 x stride (FSAF-style, Sec. 3.1).
+    guided anchoring (Wang et al. 2019): a 1x1 conv predicts each slot's shape as log factors
+        (gw, gh); the slot's anchor becomes A * exp(g) (`anchor_shapes`).
+    feature adaption: a grouped 1x1 conv turns the *detached* shape prediction into the offsets
+        of a 3x3 deformable conv with one deformable group per slot (`deform_conv2d`, plain
+        PyTorch, no compiled extension). ASFF* runs an RFB block before it.
+    prediction: a 1x1 conv gives S x (5 + C) channels, slot-major: [tx, ty, tw, th, obj, cls...].
+
+Decoding (`decode_level`), for slot k at column i, row j:
+    cx = (sigmoid(tx) + i) * stride,  cy = (sigmoid(ty) + j) * stride
+    w = exp(tw) * exp(gw) * A_w,      h = exp(th) * exp(gh) * A_h,   obj, cls = sigmoid(.)
+
+Public entry points:
+    Detector(num_classes=80, fusion=None | "sum" | "concat" | "asff", guided=True, spp=True,
+             rfb=False, dropblock=False, width=1.0, depth=1.0, anchors=None)
+        train mode: (B, 3, H, W) -> {stride: {"pred": (B, S, 5+C, H/s, W/s),
+                                              "shape": (B, S, 2, H/s, W/s) or None}}
+        eval mode:  (B, 3, H, W) -> (B, N, 5+C) [cx, cy, w, h, obj, cls...] in input pixels,
+                    levels s32, s16, s8, each ordered slot, row, column (the release's order)
+        fusion_maps(x) -> {stride: {"weights": (B, 3, h, w), "fused": (B, h, w)}}  (Figure 3)
+        set_dropblock(block_sizes, keep_prob), fuse_conv_bn(), darknet_layers()
+    Configurations used in the paper:
+        original YOLOv3 (Table 1 row 1): Detector(fusion=None, guided=False, spp=False)
+        strong baseline (Sec. 3.1):      Detector(fusion=None)
+        YOLOv3 + ASFF (Table 3):         Detector(fusion="asff")
+        ASFF* (Table 4):                 Detector(fusion="asff", rfb=True, dropblock=True)
+    load_released(model, path_or_state_dict): the authors' checkpoints through one key map.
+    decode_level, anchor_shapes, deform_conv2d, init_weights.
+
+Anchors: the released darknet models were all trained with (121, 240) as the ninth anchor
+instead of YOLOv3's (373, 326) (the authors' README calls it a "wrong anchor setting"). Their
+checkpoints decode correctly only with it, so it is the default for the guided head; the
+original-YOLOv3 configuration uses darknet's anchors, as darknet's yolov3.weights expect.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from asff import ASFF, ConvBN
+from darknet import DarkNet53, Pyramid, scale_channels
+
+RELEASED_ANCHORS = ((10, 13), (16, 30), (33, 23), (30, 61), (62, 45), (42, 119),
+                    (116, 90), (156, 198), (121, 240))
+DARKNET_ANCHORS = RELEASED_ANCHORS[:8] + ((373, 326),)
+ANCHOR_MASKS = {32: (6, 7, 8), 16: (3, 4, 5), 8: (0, 1, 2)}
+STRIDES = (32, 16, 8)
+FREE_SLOT_SCALE = 4          # the anchor-free slot's base size is 4 x stride (128 / 64 / 32 px)
+
+
+# ---------------------------------------------------------------------------------------------
+# Deformable convolution (DCNv1 semantics, as torchvision.ops.deform_conv2d without mask)
+# ---------------------------------------------------------------------------------------------
+def deform_conv2d(x: torch.Tensor, offset: torch.Tensor, weight: torch.Tensor,
+                  bias: torch.Tensor | None, groups: int) -> torch.Tensor:
+    """3x3 (or k x k) stride-1 'same' deformable conv with `groups` deformable groups.
+
+    x (B, C, H, W); offset (B, groups * 2 * k * k, H, W) where, within group g, channel 2t holds
+    the dy and 2t+1 the dx of tap t = k * row + col; weight (C_out, C, k, k). Channel block g of
+    x is sampled at the positions of offset group g, bilinearly, reading zeros outside the map.
+    """
+    B, C, H, W = x.shape
+    k = weight.shape[-1]
+    taps = k * k
+    off = offset.view(B, groups, taps, 2, H, W)                              # (B, G, k*k, 2, H, W)
+    rows = torch.arange(taps, device=x.device) // k - (k - 1) // 2           # (k*k,) tap dy
+    cols = torch.arange(taps, device=x.device) % k - (k - 1) // 2            # (k*k,) tap dx
+    ys = torch.arange(H, device=x.device, dtype=x.dtype).view(1, 1, 1, H, 1)
+    xs = torch.arange(W, device=x.device, dtype=x.dtype).view(1, 1, 1, 1, W)
+    py = ys + rows.to(x.dtype).view(1, 1, taps, 1, 1) + off[:, :, :, 0]      # (B, G, k*k, H, W)
+    px = xs + cols.to(x.dtype).view(1, 1, taps, 1, 1) + off[:, :, :, 1]      # (B, G, k*k, H, W)
+    # grid_sample with align_corners=False puts pixel p at (2p + 1) / size - 1; zeros padding
+    # reads 0 for every bilinear corner outside the map, which is DCN's rule.
+    grid = torch.stack([(2 * px + 1) / W - 1, (2 * py + 1) / H - 1], dim=-1)  # (B, G, k*k, H, W, 2)
+    grid = grid.view(B * groups, taps * H, W, 2)
+    xg = x.reshape(B * groups, C // groups, H, W)                            # (B*G, C/G, H, W)
+    cols_ = F.grid_sample(xg, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    cols_ = cols_.view(B, C * taps, H * W)                                   # (B, C*k*k, H*W)
+    out = weight.reshape(weight.shape[0], C * taps) @ cols_                  # (B, C_out, H*W)
+    if bias is not None:
+        out = out + bias.view(1, -1, 1)
+    return out.view(B, -1, H, W)                                             # (B, C_out, H, W)
+
+
+class DeformConv2d(nn.Module):
+    """Holds the deformable conv's weight (C_out, C_in, k, k) and bias; nn.Conv2d's default init."""
+
+    def __init__(self, c_in: int, c_out: int, k: int, groups: int):
+        super().__init__()
+        template = nn.Conv2d(c_in, c_out, k)               # borrow PyTorch's default init
+        self.weight, self.bias = template.weight, template.bias
+        self.groups = groups
+
+    def forward(self, x: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+        return deform_conv2d(x, offset, self.weight, self.bias, self.groups)
+
+
+class RFB(nn.Module):
+    """Receptive field block of ASFF* as released: 4 linear branches of C/4 channels, concatenated.
+
+    No BatchNorm, no activation and no residual (the release's exact form); it runs on the
+    head input before the deformable conv.
+    """
+
+    def __init__(self, c: int):
+        super().__init__()
+        q = c // 4
+        self.branch0 = nn.Sequential(nn.Conv2d(c, q, 1))
+        self.branch1 = nn.Sequential(nn.Conv2d(c, q, 1), nn.Conv2d(q, q, 3, padding=1))
+        self.branch2 = nn.Sequential(nn.Conv2d(c, q, 1), nn.Conv2d(q, q, 3, padding=1),
+                                     nn.Conv2d(q, q, 3, padding=2, dilation=2))
+        self.branch3 = nn.Sequential(nn.Conv2d(c, q, 1), nn.Conv2d(q, q, 5, padding=2),
+                                     nn.Conv2d(q, q, 3, padding=3, dilation=3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        branches = (self.branch0, self.branch1, self.branch2, self.branch3)
+        return torch.cat([b(x) for b in branches], dim=1)                   # (B, C, H, W)
+
+
+class Head(nn.Module):
+    """One level's head: guided anchoring + feature adaption + the 1x1 prediction conv."""
+
+    def __init__(self, c: int, num_classes: int, n_slots: int, guided: bool, rfb: bool):
+        super().__init__()
+        self.n_slots, self.guided = n_slots, guided
+        if guided:
+            self.guide = nn.Conv2d(c, 2 * n_slots, 1)                           # (gw, gh) per slot
+            self.offset = nn.Conv2d(2 * n_slots, 18 * n_slots, 1, groups=n_slots)  # 9 taps x (dy, dx)
+            self.rfb = RFB(c) if rfb else None
+            self.dconv = DeformConv2d(c, c, 3, groups=n_slots)
+        self.pred = nn.Conv2d(c, n_slots * (5 + num_classes), 1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        B, _, H, W = x.shape
+        shape = None
+        if self.guided:
+            shape = self.guide(x)                                              # (B, 2S, H, W)
+            feature = self.rfb(x) if self.rfb is not None else x               # (B, C, H, W)
+            x = self.dconv(feature, self.offset(shape.detach()))               # (B, C, H, W)
+            shape = shape.view(B, self.n_slots, 2, H, W)                       # (B, S, 2, H, W)
+        pred = self.pred(x).view(B, self.n_slots, -1, H, W)                    # (B, S, 5+C, H, W)
+        return pred, shape
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding (eval mode, loss.py and evaluate.py share it)
+# ---------------------------------------------------------------------------------------------
+def anchor_shapes(shape: torch.Tensor | None, slot_sizes: torch.Tensor, grid: tuple[int, int],
+                  ) -> torch.Tensor:
+    """Guided anchor (w, h) of every slot and cell: A * exp(g) -> (B or 1, S, H, W, 2)."""
+    base = slot_sizes.view(1, -1, 1, 1, 2)                                     # (1, S, 1, 1, 2)
+    if shape is None:                                                          # plain YOLOv3
+        return base.expand(1, -1, grid[0], grid[1], 2)
+    return base * torch.exp(shape.permute(0, 1, 3, 4, 2))                      # (B, S, H, W, 2)
+
+
+def decode_level(pred: torch.Tensor, shape: torch.Tensor | None, stride: int,
+                 slot_sizes: torch.Tensor) -> torch.Tensor:
+    """Raw predictions of one level -> (B, S, H, W, 5+C) [cx, cy, w, h, obj, cls...] in pixels."""
+    B, S, _, H, W = pred.shape
+    p = pred.permute(0, 1, 3, 4, 2)                                            # (B, S, H, W, 5+C)
+    j = torch.arange(H, device=p.device, dtype=p.dtype).view(1, 1, H, 1)       # row index
+    i = torch.arange(W, device=p.device, dtype=p.dtype).view(1, 1, 1, W)       # column index
+    cx = (torch.sigmoid(p[..., 0]) + i) * stride                               # (B, S, H, W)
+    cy = (torch.sigmoid(p[..., 1]) + j) * stride                               # (B, S, H, W)
+    wh = torch.exp(p[..., 2:4]) * anchor_shapes(shape, slot_sizes.to(p), (H, W))  # (B, S, H, W, 2)
+    scores = torch.sigmoid(p[..., 4:])                                         # (B, S, H, W, 1+C)
+    return torch.cat([cx[..., None], cy[..., None], wh, scores], dim=-1)       # (B, S, H, W, 5+C)
+
+
+# ---------------------------------------------------------------------------------------------
+# The detector
+# ---------------------------------------------------------------------------------------------
+class Detector(nn.Module):
+    """DarkNet-53 + YOLOv3 pyramid + optional fusion (sum / concat / ASFF) + per-level heads."""
+
+    def __init__(self, num_classes: int = 80, fusion: str | None = None, guided: bool = True,
+                 spp: bool = True, rfb: bool = False, dropblock: bool = False,
+                 width: float = 1.0, depth: float = 1.0, anchors=None):
+        super().__init__()
+        self.num_classes, self.fusion_mode, self.guided = num_classes, fusion, guided
+        self.dropblock, self.strides = dropblock, STRIDES
+        self.n_slots = 4 if guided else 3
+        anchors = anchors or (RELEASED_ANCHORS if guided else DARKNET_ANCHORS)
+        self.anchors = torch.tensor(anchors, dtype=torch.float32)              # (9, 2) w, h
+        self.backbone = DarkNet53(width, depth)
+        self.pyramid = Pyramid(width, spp)
+        head_c = {s: scale_channels(c, width) for s, c in ((32, 1024), (16, 512), (8, 256))}
+        self.head_in = self.fusion = None
+        if fusion is None:
+            # YOLOv3 runs a 3x3 conv before each head; the pyramid already ends with it at s8.
+            self.head_in = nn.ModuleDict({"s32": ConvBN(self.pyramid.channels[32], head_c[32], 3),
+                                          "s16": ConvBN(self.pyramid.channels[16], head_c[16], 3),
+                                          "s8": nn.Identity()})
+        else:
+            # The released ASFF's `expand` conv replaces those 3x3 convs (8 weight channels with
+            # RFB, "to save memory" in the release).
+            self.fusion = nn.ModuleDict({f"s{s}": ASFF(self.pyramid.channels, s, head_c[s],
+                                                       weight_channels=8 if rfb else 16,
+                                                       mode=fusion) for s in STRIDES})
+        self.heads = nn.ModuleDict({f"s{s}": Head(head_c[s], num_classes, self.n_slots, guided, rfb)
+                                    for s in STRIDES})
+        init_weights(self)
+
+    def slot_sizes(self, stride: int) -> torch.Tensor:
+        """Base (w, h) in pixels of each slot at this level: its 3 anchors (+ 4*stride free slot)."""
+        sizes = self.anchors[list(ANCHOR_MASKS[stride])]                       # (3, 2)
+        if self.guided:
+            free = torch.full((1, 2), float(FREE_SLOT_SCALE * stride))
+            sizes = torch.cat([sizes, free])                                   # (4, 2)
+        return sizes
+
+    def features(self, images: torch.Tensor) -> dict[int, torch.Tensor]:
+        """Head inputs by stride: backbone -> pyramid -> fusion (or YOLOv3's 3x3 convs)."""
+        pyramid = self.pyramid(self.backbone(images))                          # {32: (B, 512, ..)}
+        if self.fusion is None:
+            return {s: self.head_in[f"s{s}"](pyramid[s]) for s in STRIDES}
+        return {s: self.fusion[f"s{s}"](pyramid) for s in STRIDES}            # (B, 1024/512/256, ..)
+
+    def forward(self, images: torch.Tensor):
+        feats = self.features(images)
+        raw = {}
+        for s in STRIDES:
+            pred, shape = self.heads[f"s{s}"](feats[s])                       # (B, S, 5+C, h, w)
+            raw[s] = {"pred": pred, "shape": shape}
+        return raw if self.training else self.decode(raw)
+
+    def decode(self, raw: dict) -> torch.Tensor:
+        """Raw per-level predictions -> (B, N, 5+C) rows in the release's order."""
+        rows = []
+        for s in STRIDES:
+            d = decode_level(raw[s]["pred"], raw[s]["shape"], s, self.slot_sizes(s))
+            rows.append(d.flatten(1, 3))                                       # (B, S*h*w, 5+C)
+        return torch.cat(rows, dim=1)                                          # (B, N, 5+C)
+
+    @torch.no_grad()
+    def fusion_maps(self, images: torch.Tensor) -> dict[int, dict[str, torch.Tensor]]:
+        """Figure 3: Eq. 2 weights (B, 3, h, w) and the channel-summed fused map (B, h, w)."""
+        if self.fusion_mode != "asff":
+            raise ValueError("fusion_maps needs a model built with fusion='asff'")
+        pyramid = self.pyramid(self.backbone(images))
+        maps = {}
+        for s in STRIDES:
+            fuser = self.fusion[f"s{s}"]
+            y, w = fuser.fuse(fuser.resize_all(pyramid))
+            maps[s] = {"weights": w, "fused": y.sum(dim=1)}                    # (B, 3, h, w), (B, h, w)
+        return maps
+
+    def set_dropblock(self, block_sizes: dict[int, int], keep_prob: float) -> None:
+        """ASFF* schedule hook: block size per stride and keep probability (no-op without DropBlock)."""
+        if not self.dropblock:
+            return
+        for s, block in self.pyramid.dropblocks().items():
+            block.block_size, block.keep_prob = block_sizes[s], keep_prob
+
+    def fuse_conv_bn(self) -> "Detector":
+        """Fold every BatchNorm into its conv (inference only; the model is put in eval mode)."""
+        self.eval()
+        for m in self.modules():
+            if isinstance(m, ConvBN) and isinstance(m.bn, nn.BatchNorm2d):
+                m.fuse_bn()
+        return self
+
+    def darknet_layers(self) -> list[tuple[nn.Conv2d, nn.BatchNorm2d | None]]:
+        """Conv layers in the order of darknet's yolov3.cfg (original YOLOv3 configuration only)."""
+        if self.guided or self.fusion_mode is not None or self.pyramid.s32.spp is not None:
+            raise ValueError("darknet's layout is the original YOLOv3: "
+                             "Detector(fusion=None, guided=False, spp=False)")
+        p = self.pyramid
+        pairs = lambda blocks: [(b.conv, b.bn) for b in blocks]  # noqa: E731
+        out = self.backbone.darknet_layers()
+        out += pairs(p.s32.convs() + [self.head_in["s32"]]) + [(self.heads["s32"].pred, None)]
+        out += pairs([p.s16_lateral] + p.s16.convs() + [self.head_in["s16"]])
+        out += [(self.heads["s16"].pred, None)]
+        out += pairs([p.s8_lateral] + p.s8.convs() + [p.s8_out]) + [(self.heads["s8"].pred, None)]
+        return out
+
+
+def init_weights(model: nn.Module) -> None:
+    """MSRA init for new layers (Sec. 3.4), as the release: Kaiming-normal (a=0.1, fan_in), zero
+    bias, BN weight 1 and bias 0; the deformable conv keeps nn.Conv2d's default init."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, a=0.1, mode="fan_in")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+# ---------------------------------------------------------------------------------------------
+# The authors' released checkpoints
+# ---------------------------------------------------------------------------------------------
+BN_LEAVES = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+
+
+def _conv_block(released: str, ours: str) -> dict[str, str]:
+    keys = {f"{released}.conv.weight": f"{ours}.conv.weight"}
+    keys.update({f"{released}.batch_norm.{leaf}": f"{ours}.bn.{leaf}" for leaf in BN_LEAVES})
+    return keys
+
+
+def _plain_conv(released: str, ours: str) -> dict[str, str]:
+    return {f"{released}.{leaf}": f"{ours}.{leaf}" for leaf in ("weight", "bias")}
+
+
+def _backbone_map(model: Detector) -> dict[str, str]:
+    """module_list.0-10 -> backbone.*: stem, then (down conv, residual units) per stage."""
+    keys = _conv_block("module_list.0", "backbone.stem")
+    for k in range(1, 6):
+        stage = getattr(model.backbone, f"stage{k}")
+        keys.update(_conv_block(f"module_list.{2 * k - 1}", f"backbone.stage{k}.down"))
+        for u in range(len(stage.units)):
+            released, ours = f"module_list.{2 * k}.module_list.{u}", f"backbone.stage{k}.units.{u}"
+            keys.update(_conv_block(f"{released}.0", f"{ours}.reduce"))
+            keys.update(_conv_block(f"{released}.1", f"{ours}.expand"))
+    return keys
+
+
+def _head_map(released: str, ours: str, rfb: bool) -> dict[str, str]:
+    keys = _plain_conv(f"{released}.guide_wh", f"{ours}.guide")
+    keys.update(_plain_conv(f"{released}.Feature_adaption.conv_offset", f"{ours}.offset"))
+    keys.update(_plain_conv(f"{released}.Feature_adaption.dconv", f"{ours}.dconv"))
+    keys.update(_plain_conv(f"{released}.conv", f"{ours}.pred"))
+    if rfb:
+        for b, n in enumerate((1, 2, 3, 3)):
+            for i in range(n):
+                keys.update(_plain_conv(f"{released}.Feature_adaption.rfb.branch_{b}.{i}",
+                                        f"{ours}.rfb.branch{b}.{i}"))
+    return keys
+
+
+def _fusion_map(level: int, stride: int) -> dict[str, str]:
+    """level_<l>_fusion.* -> fusion.s<stride>.* (ASFF), l = 0 for stride 32 (authors' order)."""
+    released, ours = f"level_{level}_fusion", f"fusion.s{stride}"
+    resize_names = {0: "compress_level_0", 1: "stride_level_1", 2: "stride_level_2"}
+    keys = {}
+    for n, src in enumerate(STRIDES):
+        if src != stride and not (stride == 8 and src == 16):   # s16 -> s8 has no conv
+            keys.update(_conv_block(f"{released}.{resize_names[n]}", f"{ours}.resize.s{src}.proj"))
+        keys.update(_conv_block(f"{released}.weight_level_{n}", f"{ours}.weight.s{src}"))
+    keys.update(_plain_conv(f"{released}.weight_levels", f"{ours}.weight_logits"))
+    keys.update(_conv_block(f"{released}.expand", f"{ours}.expand"))
+    return keys
+
+
+def released_key_map(model: Detector) -> dict[str, str]:
+    """Every key of the authors' state dict for this configuration -> our key (the one key map)."""
+    if not model.guided or model.fusion_mode not in (None, "asff"):
+        raise ValueError("released checkpoints exist for the guided baseline, ASFF and ASFF* only")
+    keys = _backbone_map(model)
+    pyr = {  # pyramid conv blocks: ours -> (baseline index, ASFF index)
+        "s32.conv1": ("11.module_list.0.0",) * 2, "s32.conv2": ("11.module_list.0.1",) * 2,
+        "s32.conv3": ("12",) * 2, "s32.spp_reduce": ("14",) * 2, "s32.conv4": ("15",) * 2,
+        "s32.conv5": ("17",) * 2, "s16_lateral": ("20", "18"), "s16.conv1": ("22", "20"),
+        "s16.conv2": ("23", "21"), "s16.conv3": ("25.module_list.0.0", "23.module_list.0.0"),
+        "s16.conv4": ("25.module_list.0.1", "23.module_list.0.1"), "s16.conv5": ("26", "24"),
+        "s8_lateral": ("29", "25"), "s8.conv1": ("31", "27"), "s8.conv2": ("32", "28"),
+        "s8.conv3": ("34.module_list.0.0", "30.module_list.0.0"),
+        "s8.conv4": ("34.module_list.0.1", "30.module_list.0.1"), "s8.conv5": ("35", "31"),
+        "s8_out": ("36", "32")}
+    asff = model.fusion_mode == "asff"
+    for ours, idx in pyr.items():
+        keys.update(_conv_block(f"module_list.{idx[asff]}", f"pyramid.{ours}"))
+    rfb = model.heads["s8"].rfb is not None
+    for level, s in enumerate(STRIDES):
+        if asff:
+            keys.update(_fusion_map(level, s))
+            keys.update(_head_map(f"level_{level}_header", f"heads.s{s}", rfb))
+        else:
+            keys.update(_head_map(f"module_list.{(19, 28, 37)[level]}", f"heads.s{s}", rfb))
+    if not asff:
+        keys.update(_conv_block("module_list.18", "head_in.s32"))
+        keys.update(_conv_block("module_list.27", "head_in.s16"))
+    return keys
+
+
+def load_released(model: Detector, source, name: str | None = None) -> Detector:
+    """Load the authors' checkpoint (a path or a state dict) into `model`.
+
+    Every key of the checkpoint must map to a parameter of ours and every parameter must be
+    filled, with equal shapes; fp16 entries (from `--half` training) are cast to fp32. A
+    checkpoint holding only module_list.0-10 is the released DarkNet-53 (`darknet53_feature_mx.pth`)
+    and fills the backbone alone. Errors name the key, the file and both shapes.
+    """
+    name = name or (source if isinstance(source, str) else "<state dict>")
+    state = torch.load(source, map_location="cpu", weights_only=True) if isinstance(source, str) \
+        else source
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    key_map = released_key_map(model)
+    backbone_only = all(k.split(".")[1] in map(str, range(11)) for k in state)
+    if backbone_only:
+        key_map = {k: v for k, v in key_map.items() if v.startswith("backbone.")}
+    ours = model.state_dict()
+    missing = sorted(set(key_map) - set(state))
+    extra = sorted(set(state) - set(key_map))
+    if missing or extra:
+        raise KeyError(f"{name}: does not match Detector(fusion={model.fusion_mode!r}, "
+                       f"rfb={model.heads['s8'].rfb is not None}, width/depth as built): "
+                       f"missing keys {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+                       f"unexpected keys {extra[:5]}{'...' if len(extra) > 5 else ''}")
+    converted = {}
+    for released, our_key in key_map.items():
+        tensor, target = state[released], ours[our_key]
+        if tensor.shape != target.shape:
+            raise ValueError(f"{name}: key {released} (ours {our_key}) has shape "
+                             f"{tuple(tensor.shape)}, the model needs {tuple(target.shape)}")
+        converted[our_key] = tensor.to(target.dtype) if tensor.is_floating_point() else tensor
+    model.load_state_dict(converted, strict=not backbone_only)
+    return model
+
+
+def count_flops(model: nn.Module, size: int) -> float:
+    """Forward FLOPs at (1, 3, size, size) by FlopCounterMode (a multiply-add is 2 FLOPs)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    model.eval()
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(torch.zeros(1, 3, size, size))
+    return counter.get_total_flops()
+
+
+def _demo() -> None:
+    configs = {"original YOLOv3": dict(fusion=None, guided=False, spp=False),
+               "strong baseline": dict(fusion=None), "sum fusion": dict(fusion="sum"),
+               "concat fusion": dict(fusion="concat"), "ASFF": dict(fusion="asff"),
+               "ASFF*": dict(fusion="asff", rfb=True, dropblock=True)}
+    print(f"{'configuration':<18}{'params':>14}{'GFLOPs@416':>12}{'GFLOPs@608':>12}")
+    for name, kwargs in configs.items():
+        model = Detector(80, **kwargs)
+        n = sum(p.numel() for p in model.parameters())
+        print(f"{name:<18}{n:>14,}{count_flops(model, 416) / 1e9:>12.2f}"
+              f"{count_flops(model, 608) / 1e9:>12.2f}")
+    model = Detector(80, fusion="asff").eval()
+    with torch.no_grad():
+        out = model(torch.zeros(1, 3, 416, 416))
+    print(f"eval output at 416: {tuple(out.shape)} = (B, 4 slots x (13^2 + 26^2 + 52^2), 5 + 80)")
+
+
+if __name__ == "__main__":
+    _demo()

@@ -1,0 +1,235 @@
+"""head.py: the composed detector against published figures, the golden outputs of the released
+model, a float64 deformable-conv loop, and the released-checkpoint key map."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from golden import (
+    LISTINGS,
+    REFERENCE,
+    VARIANTS,
+    golden_model,
+    golden_reference,
+    needs_golden,
+    read_listing,
+    released_weights,
+    weight_hashes,
+)
+from head import Detector, count_flops, deform_conv2d, load_released, released_key_map
+
+CONFIGS = {"yolov3": dict(fusion=None, guided=False, spp=False), "baseline": dict(fusion=None),
+           "sum": dict(fusion="sum"), "concat": dict(fusion="concat"), "asff": dict(fusion="asff"),
+           "asff*": dict(fusion="asff", rfb=True, dropblock=True)}
+
+
+def n_params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+# --- published figures --------------------------------------------------------------------------
+def test_original_yolov3_parameters_and_flops():
+    model = Detector(80, fusion=None, guided=False, spp=False)
+    assert n_params(model) == 61_949_149
+    assert round(count_flops(model, 416) / 1e9, 2) == 65.86     # darknet counts 2 FLOPs per MAC
+    assert round(count_flops(model, 608) / 1e9, 2) == 140.69
+
+
+@pytest.mark.parametrize("variant,count", [("baseline", 75_554_428), ("asff", 79_409_493),
+                                           ("asff-rfb", 86_011_821)])
+def test_released_parameter_counts_and_state_dict_shapes(variant, count):
+    model = Detector(80, **VARIANTS[variant], dropblock=variant == "asff-rfb")
+    assert n_params(model) == count
+    listing = read_listing(REFERENCE / LISTINGS[variant])
+    ours = model.state_dict()
+    key_map = released_key_map(model)
+    assert sorted(key_map) == sorted(k for k, _ in listing)           # every released key mapped
+    assert sorted(key_map.values()) == sorted(ours)                   # every parameter of ours filled
+    for key, shape in listing:
+        assert tuple(ours[key_map[key]].shape) == shape, key
+
+
+@pytest.mark.parametrize("config", list(CONFIGS))
+@pytest.mark.parametrize("hw", [(320, 320), (352, 608), (608, 416)])
+def test_output_shapes(config, hw):
+    model = Detector(5, **CONFIGS[config], width=0.125, depth=0.34)
+    H, W = hw
+    S = model.n_slots
+    x = torch.randn(1, 3, H, W)
+    raw = model.train()(x)
+    for s in (32, 16, 8):
+        assert raw[s]["pred"].shape == (1, S, 10, H // s, W // s)
+        assert (raw[s]["shape"] is None) == (config == "yolov3")
+    with torch.no_grad():
+        out = model.eval()(x)
+    assert out.shape == (1, S * sum((H // s) * (W // s) for s in (32, 16, 8)), 10)
+
+
+# --- golden equivalence with the released model -------------------------------------------------
+def capture_features(model, x):
+    """Run the model in eval mode and record the activations the golden files hold."""
+    feats, hooks = {}, []
+
+    def keep(name, fn=lambda out: out):
+        return lambda module, args, out: feats.__setitem__(name, fn(out))
+
+    hooks.append(model.backbone.register_forward_hook(
+        lambda m, a, out: feats.update({f"backbone_s{s}": t for s, t in out.items()})))
+    hooks.append(model.pyramid.register_forward_hook(
+        lambda m, a, out: feats.update({f"neck_s{s}": t for s, t in out.items()})))
+    for s in (32, 16, 8):
+        into = model.fusion if model.fusion is not None else model.head_in
+        hooks.append(into[f"s{s}"].register_forward_hook(keep(f"head_in_s{s}")))
+        hooks.append(model.heads[f"s{s}"].dconv.register_forward_hook(keep(f"adapted_s{s}")))
+        hooks.append(model.heads[f"s{s}"].guide.register_forward_hook(keep(f"guide_s{s}")))
+        hooks.append(model.heads[f"s{s}"].pred.register_forward_hook(keep(f"pred_s{s}")))
+    with torch.no_grad():
+        out = model(x)
+    for h in hooks:
+        h.remove()
+    return out, feats
+
+
+@needs_golden
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_golden_eval_outputs(variant):
+    ref = golden_reference(variant)
+    assert weight_hashes(released_weights(variant)) == ref["weight_sha256"]
+    model = golden_model(variant)
+    out, feats = capture_features(model, ref["input"])
+    for name, stored in ref["features"].items():
+        torch.testing.assert_close(feats[name].mean(dim=1), stored["mean_c"], rtol=1e-4, atol=1e-4,
+                                   msg=lambda m, name=name: f"{name} mean_c: {m}")
+        torch.testing.assert_close(feats[name][:, :8], stored["ch0_7"], rtol=1e-4, atol=1e-4)
+    for s in (32, 16, 8):
+        F_ = ref["image_size"] // s
+        torch.testing.assert_close(feats[f"guide_s{s}"], ref["raw"][f"s{s}"]["guide_wh"],
+                                   rtol=1e-4, atol=1e-4)
+        box_obj = feats[f"pred_s{s}"].view(2, 4, 85, F_, F_)[:, :, :5]
+        torch.testing.assert_close(box_obj, ref["raw"][f"s{s}"]["conv_box_obj"], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out, ref["eval_output"], rtol=1e-4, atol=1e-4)
+    if model.fusion is not None:
+        maps = model.fusion_maps(ref["input"])
+        for s in (32, 16, 8):
+            torch.testing.assert_close(maps[s]["weights"], ref["fusion_weights"][f"s{s}"],
+                                       rtol=1e-4, atol=1e-4)
+
+
+@needs_golden
+def test_folded_and_exported_models_match_eager():
+    ref = golden_reference("asff")
+    model = golden_model("asff")
+    with torch.no_grad():
+        eager = model(ref["input"])
+        exported = torch.export.export(model, (ref["input"],)).module()
+        torch.testing.assert_close(exported(ref["input"]), eager)
+        model.fuse_conv_bn()
+        torch.testing.assert_close(model(ref["input"]), eager, rtol=1e-3, atol=1e-3)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+
+
+# --- deformable convolution ---------------------------------------------------------------------
+def deform_conv_loop(x, offset, weight, bias, groups):
+    """Float64 reference: DCNv1 by definition, one output position and tap at a time."""
+    B, C, H, W = x.shape
+    Co, k = weight.shape[0], weight.shape[-1]
+    out = torch.zeros(B, Co, H, W, dtype=torch.float64)
+    cg = C // groups
+
+    def pixel(b, c, yy, xx):
+        return x[b, c, yy, xx] if 0 <= yy < H and 0 <= xx < W else x.new_zeros(())
+
+    for b in range(B):
+        for h in range(H):
+            for w in range(W):
+                col = torch.zeros(C, k * k, dtype=torch.float64)
+                for g in range(groups):
+                    for t in range(k * k):
+                        base = g * 2 * k * k + 2 * t
+                        dy, dx = offset[b, base, h, w], offset[b, base + 1, h, w]
+                        py = h + t // k - (k - 1) // 2 + dy
+                        px = w + t % k - (k - 1) // 2 + dx
+                        y0, x0 = int(torch.floor(py)), int(torch.floor(px))
+                        ly, lx = py - y0, px - x0
+                        for c in range(g * cg, (g + 1) * cg):
+                            col[c, t] = ((1 - ly) * (1 - lx) * pixel(b, c, y0, x0)
+                                         + (1 - ly) * lx * pixel(b, c, y0, x0 + 1)
+                                         + ly * (1 - lx) * pixel(b, c, y0 + 1, x0)
+                                         + ly * lx * pixel(b, c, y0 + 1, x0 + 1))
+                out[b, :, h, w] = weight.reshape(Co, C * k * k) @ col.reshape(-1) + bias
+    return out
+
+
+def test_deform_conv_with_zero_offsets_is_a_plain_conv():
+    x, w, b = torch.randn(2, 8, 7, 9), torch.randn(6, 8, 3, 3), torch.randn(6)
+    zero = torch.zeros(2, 4 * 18, 7, 9)
+    torch.testing.assert_close(deform_conv2d(x, zero, w, b, groups=4),
+                               F.conv2d(x, w, b, padding=1), rtol=1e-5, atol=1e-5)
+
+
+def test_deform_conv_matches_float64_loop_forward_and_backward():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 4, 5, 6, generator=g, dtype=torch.float64)
+    offset = 2.5 * torch.randn(1, 2 * 18, 5, 6, generator=g, dtype=torch.float64)  # many outside
+    w = torch.randn(3, 4, 3, 3, generator=g, dtype=torch.float64)
+    b = torch.randn(3, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(deform_conv2d(x, offset, w, b, groups=2),
+                               deform_conv_loop(x, offset, w, b, groups=2), rtol=1e-9, atol=1e-9)
+    args = [t.clone().requires_grad_(True) for t in (x, offset, w, b)]
+    assert torch.autograd.gradcheck(lambda *a: deform_conv2d(*a, groups=2), args)
+
+
+# --- released checkpoints -----------------------------------------------------------------------
+def small_released_state(model):
+    """A released-format state dict for `model` built through the inverse key map."""
+    ours = model.state_dict()
+    return {rel: ours[key].clone() for rel, key in released_key_map(model).items()}
+
+
+def test_load_released_names_missing_extra_and_misshaped_keys(tmp_path):
+    model = Detector(80, fusion="asff", width=0.125, depth=0.34)
+    state = small_released_state(model)
+    path = tmp_path / "yolov3_asff.pth"
+    missing = dict(state)
+    del missing["level_1_fusion.weight_levels.bias"]
+    torch.save(missing, path)
+    with pytest.raises(KeyError, match=r"yolov3_asff\.pth.*level_1_fusion\.weight_levels\.bias"):
+        load_released(model, str(path))
+    with pytest.raises(KeyError, match="unexpected keys.*'extra.weight'"):
+        load_released(model, {**state, "extra.weight": torch.zeros(1)})
+    bad = dict(state)
+    bad["level_2_header.conv.weight"] = torch.zeros(7, 32, 1, 1)
+    with pytest.raises(ValueError, match=r"level_2_header\.conv\.weight.*\(7, 32, 1, 1\).*\(340, 32, 1, 1\)"):
+        load_released(model, bad)
+
+
+def test_load_released_casts_fp16_and_loads_a_backbone_only_file():
+    source = Detector(80, fusion=None, width=0.125, depth=0.34)
+    state = {k: (v.half() if v.is_floating_point() else v)
+             for k, v in small_released_state(source).items()}
+    target = Detector(80, fusion=None, width=0.125, depth=0.34)
+    load_released(target, state)
+    for key, value in target.state_dict().items():
+        assert value.dtype == source.state_dict()[key].dtype
+        torch.testing.assert_close(value, source.state_dict()[key].half().to(value.dtype))
+    backbone = {k: v for k, v in small_released_state(source).items()
+                if int(k.split(".")[1]) <= 10}                  # darknet53_feature_mx.pth layout
+    fresh = Detector(80, fusion="asff", width=0.125, depth=0.34)
+    head_before = fresh.heads["s8"].pred.weight.clone()
+    load_released(fresh, backbone)
+    assert torch.equal(fresh.backbone.stem.conv.weight, source.backbone.stem.conv.weight)
+    assert torch.equal(fresh.heads["s8"].pred.weight, head_before)
+
+
+def test_msra_init_and_dropblock_hook():
+    model = Detector(80, fusion="asff", rfb=True, dropblock=True)
+    w = model.backbone.stage5.down.conv.weight                     # fan_in = 512 * 9
+    expected_std = (2 / ((1 + 0.1 ** 2) * 512 * 9)) ** 0.5
+    assert abs(w.std().item() / expected_std - 1) < 0.02
+    assert model.heads["s8"].pred.bias.abs().max() == 0
+    model.set_dropblock({32: 7, 16: 5, 8: 3}, 0.9)
+    blocks = model.pyramid.dropblocks()
+    assert (blocks[32].block_size, blocks[8].block_size, blocks[16].keep_prob) == (7, 3, 0.9)
+    plain = Detector(80, fusion="asff", width=0.125)
+    plain.set_dropblock({32: 7, 16: 5, 8: 3}, 0.9)
+    assert plain.pyramid.dropblocks()[32].keep_prob == 1.0        # no DropBlock unless asked
