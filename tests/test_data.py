@@ -1,0 +1,484 @@
+"""data.py against independent references: pixel statistics for the boxes, pycocotools for the
+synthetic ground truth, hand numbers for colours, mixup and normalisation, a numerically
+integrated Beta(1.5, 1.5) for the mixup ratio."""
+
+import contextlib
+import io
+import json
+import random
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+import data
+from data import (
+    FILL,
+    MEAN,
+    SIZES,
+    STD,
+    CocoDetection,
+    DataError,
+    TrainDataset,
+    collate,
+    draw_mixup,
+    make_synthetic,
+    random_size,
+    resize_batch,
+)
+
+# COCO's 80 category ids: 1..90 without these ten
+COCO_IDS = [i for i in range(1, 91) if i not in (12, 26, 29, 30, 45, 66, 68, 69, 71, 83)]
+
+
+def write_coco(folder, images, annotations, categories=None, name="ann.json"):
+    """images: [(file_name, PIL image or None, (W, H))]; annotations: [(id, image, cat, bbox)]."""
+    entries = []
+    for i, (file_name, image, (w, h)) in enumerate(images):
+        if image is not None:
+            image.save(folder / file_name)
+        entries.append({"id": i + 1, "file_name": file_name, "width": w, "height": h})
+    anns = [{"id": a, "image_id": im, "category_id": c, "bbox": list(b), "area": b[2] * b[3],
+             "iscrowd": 0} for a, im, c, b in annotations]
+    categories = categories or [{"id": 1, "name": "thing"}]
+    path = folder / name
+    path.write_text(json.dumps({"images": entries, "annotations": anns, "categories": categories}))
+    return str(folder), str(path)
+
+
+def rect_image(W, H, boxes, background=FILL):
+    """White rectangles (x1, y1, x2, y2) on the fill colour, and their rows [x1..y2, class, 1]."""
+    image = Image.new("RGB", (W, H), background)
+    for x1, y1, x2, y2 in boxes:
+        ImageDraw.Draw(image).rectangle((x1, y1, x2 - 1, y2 - 1), fill=(255, 255, 255))
+    rows = np.array([[*b, 0, 1] for b in boxes], np.float64).reshape(-1, 6)
+    return image, rows
+
+
+def white_box(image, region=None):
+    """Bounding box (x1, y1, x2, y2) of the white pixels (nearer white than the fill colour)."""
+    a = np.asarray(image).astype(float).mean(2)
+    mask = a > (255 + np.mean(FILL)) / 2
+    if region is not None:
+        x1, y1, x2, y2 = (int(round(v)) for v in region)
+        keep = np.zeros_like(mask)
+        keep[max(y1, 0):y2, max(x1, 0):x2] = True
+        mask &= keep
+    ys, xs = np.nonzero(mask)
+    return None if len(xs) == 0 else np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_synthetic(tmp_path_factory.mktemp("cache"), n_train=8, n_val=6, image_size=96)
+
+
+# ---- COCO reading --------------------------------------------------------------------------
+
+
+def test_category_mapping_round_trips_coco_80_ids(tmp_path):
+    shuffled = random.Random(0).sample(COCO_IDS, len(COCO_IDS))  # file order must not matter
+    anns = [(k + 1, 1, c, (k % 10 * 5, k // 10 * 5, 4, 4)) for k, c in enumerate(shuffled)]
+    folder, ann = write_coco(tmp_path, [("a.png", Image.new("RGB", (64, 64)), (64, 64))], anns,
+                             [{"id": c, "name": f"c{c}"} for c in shuffled])
+    ds = CocoDetection(folder, ann)
+    assert len(ds.cat_ids) == 80
+    assert (ds.cat_ids[0], ds.cat_ids[11], ds.cat_ids[79]) == (1, 13, 90)  # 12 is a gap
+    assert ds.cat_to_class[90] == 79 and ds.cat_to_class[13] == 11
+    assert all(ds.cat_ids[ds.cat_to_class[c]] == c for c in COCO_IDS)
+    assert ds.class_names[11] == "c13"
+    classes = ds.load_targets(0)[:, 0].astype(int)  # annotation k has category shuffled[k]
+    assert [ds.cat_ids[k] for k in classes] == shuffled
+
+
+def test_crowd_excluded_by_default_and_included_on_request(tmp_path):
+    folder, ann = write_coco(tmp_path, [("a.png", Image.new("RGB", (50, 50)), (50, 50))],
+                             [(1, 1, 1, (1, 1, 10, 10)), (2, 1, 1, (20, 20, 10, 10))])
+    raw = json.loads(open(ann).read())
+    raw["annotations"][1]["iscrowd"] = 1
+    open(ann, "w").write(json.dumps(raw))
+    assert len(CocoDetection(folder, ann).load_targets(0)) == 1
+    assert len(CocoDetection(folder, ann, include_crowd=True).load_targets(0)) == 2
+    assert len(CocoDetection(folder, ann).coco.getAnnIds()) == 2  # COCOeval still sees both
+
+
+# ---- augmentation keeps boxes on the pixels ------------------------------------------------
+
+
+@pytest.mark.parametrize("step", [data.expand, data.ssd_crop, data.hflip, data.random_affine])
+def test_each_geometric_step_keeps_boxes_on_the_pixels(step):
+    box = (30, 40, 90, 80)
+    changed = 0
+    for seed in range(8):
+        image, rows = rect_image(160, 120, [box])
+        T, out, wh = step(np.random.default_rng(seed), rows, (160, 120))
+        changed += wh != (160, 120) or not np.allclose(T, np.eye(3))
+        M = data.resize_matrix(wh, 320) @ T  # the step, then the final resize (2x or more:
+        warped = data.warp(image, M, 320)  # one source pixel off would be 2 pixels here)
+        expected = data._move_boxes(data.resize_matrix(wh, 320), out)
+        assert len(expected) == 1
+        assert np.abs(white_box(warped) - expected[0, :4]).max() <= 1.0, (seed, step.__name__)
+    assert changed >= 3  # the step did something on most seeds
+
+
+def test_hflip_is_an_exact_mirror():  # the box test cannot see a shift that moves both
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16, 3), np.uint8))
+    T, _, _ = data.hflip(None, np.zeros((0, 6)), (16, 16))
+    mirrored = data.warp(image, T, 16, Image.NEAREST)
+    assert np.array_equal(np.asarray(mirrored), np.asarray(image)[:, ::-1])
+
+
+def test_full_geometry_keeps_every_box_on_its_rectangle():
+    boxes = [(10, 10, 60, 50), (100, 70, 150, 110), (120, 8, 136, 24)]
+    checked = 0
+    for seed in range(30):
+        image, rows = rect_image(160, 120, boxes)
+        M, out, window = data.geometry(np.random.default_rng(seed), rows, (160, 120), 200)
+        warped = data.warp(image, M, 200, window=window)
+        for x1, y1, x2, y2, *_ in out:
+            if min(x2 - x1, y2 - y1) < 4:
+                continue
+            found = white_box(warped, (x1 - 3, y1 - 3, x2 + 3, y2 + 3))
+            # 1 px of thresholding, plus a source pixel magnified by up to 3x by the crop: the tip
+            # of a rotated corner is less than half covered for about a source pixel
+            tolerance = 1 + np.abs(M[:2, :2]).sum(1).max()
+            error = found - [x1, y1, x2, y2]
+            if min(x1, y1) > 0 and max(x2, y2) < 200:
+                assert np.abs(error).max() <= tolerance, seed
+            else:  # cut by the border after a rotation: as released, the clipped box of the
+                # whole turned rectangle, which holds the visible part but may be loose
+                assert (error[:2] >= -tolerance).all() and (error[2:] <= tolerance).all(), seed
+            checked += 1
+    assert checked > 40
+
+
+def test_augment_falls_back_to_the_plain_image_when_no_box_survives():
+    image, rows = rect_image(100, 80, [(10, 10, 30, 30)])
+    for seed in range(5):  # min_size 100: no box can survive at size 100
+        out_image, out = data.augment(image, rows, np.random.default_rng(seed), 100, min_size=100)
+        plain = data.warp(image, data.resize_matrix((100, 80), 100), 100)
+        assert np.array_equal(np.asarray(out_image), np.asarray(plain))
+        np.testing.assert_allclose(out[:, :4], [[10, 12.5, 30, 37.5]])  # y scaled by 100/80
+
+
+def test_augment_drops_boxes_not_above_min_size():
+    image, rows = rect_image(200, 200, [(10, 10, 110, 110), (150, 150, 154, 154)])  # 4 px
+    kept_small = 0
+    for seed in range(20):
+        _, out = data.augment(image, rows, np.random.default_rng(seed), 200, min_size=6)
+        sides = np.minimum(out[:, 2] - out[:, 0], out[:, 3] - out[:, 1])
+        fallback = len(out) == 2 and np.allclose(out, rows)  # size 200: the plain resize is 1:1
+        assert (sides > 6).all() or fallback, seed
+        kept_small += len(out) == 2
+    assert kept_small < 10  # the 4 px box survives only when a crop magnifies it past 6 px
+
+
+def test_affine_translation_uses_width_for_x_and_height_for_y():
+    tx, ty = [], []
+    for seed in range(200):
+        A, _, _ = data.random_affine(np.random.default_rng(seed), np.zeros((0, 6)), (400, 40),
+                                     degrees=0, scale=0, shear=0, translate=0.1)
+        tx.append(A[0, 2])
+        ty.append(A[1, 2])
+    assert 30 < np.abs(tx).max() <= 40  # 0.1 * W; swapped (the release) it would be <= 4
+    assert np.abs(ty).max() <= 4  # 0.1 * H
+
+
+def test_color_distort_hand_numbers():
+    pixel = lambda rgb, **kw: np.asarray(data.color_distort(Image.new("RGB", (2, 2), rgb), **kw))[0, 0]  # noqa: E731, E501
+    assert pixel((100, 100, 100), brightness=10, contrast=1.2).tolist() == [132, 132, 132]
+    assert pixel((250, 5, 0), brightness=10).tolist() == [255, 15, 10]  # clipped at 255
+    np.testing.assert_allclose(pixel((255, 0, 0), hue=18), (255, 153, 0), atol=4)  # 36 degrees
+    np.testing.assert_allclose(pixel((255, 0, 0), saturation=0.5), (255, 128, 128), atol=1)
+    np.testing.assert_allclose(pixel((200, 100, 50), saturation=0.5), (200, 150, 125), atol=1)
+    assert pixel((128, 128, 128), hue=18, saturation=1.5).tolist() == [128, 128, 128]  # gray
+
+
+# ---- mixup ---------------------------------------------------------------------------------
+
+
+def test_mixup_ratio_is_beta_1_5_and_partner_uniform_among_others():
+    draws = [draw_mixup(np.random.default_rng([0, 0, i]), 2, 5) for i in range(20000)]
+    lam = np.sort([d[0] for d in draws])
+    assert abs(lam.mean() - 0.5) < 0.01 and abs(lam.var() - 0.0625) < 0.003  # ab/((a+b)^2(a+b+1))
+    x = np.linspace(0, 1, 20001)
+    cdf = np.cumsum(np.sqrt(x * (1 - x))) * (x[1] - x[0]) * 8 / np.pi  # pdf = x^.5 (1-x)^.5 / B
+    empirical = np.arange(1, len(lam) + 1) / len(lam)
+    assert np.abs(empirical - np.interp(lam, x, cdf)).max() < 0.014  # KS, alpha ~ 0.001
+    assert np.abs(empirical - lam).max() > 0.03  # the same test rejects Uniform(0, 1)
+    counts = np.bincount([d[1] for d in draws], minlength=5)
+    assert counts[2] == 0 and (np.abs(counts[[0, 1, 3, 4]] / 5000 - 1) < 0.06).all()
+
+
+def test_mixup_blend_is_the_weighted_sum_and_boxes_carry_ratios():
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)  # H 20, W 30
+    b = rng.integers(0, 256, (40, 20, 3), dtype=np.uint8)  # H 40, W 20
+    rows_a = np.array([[1, 1, 5, 5, 0, 1.0]])
+    rows_b = np.array([[2, 2, 9, 9, 1, 1.0], [3, 3, 8, 8, 2, 1.0]])
+    image, rows = data.mixup(Image.fromarray(a), rows_a, Image.fromarray(b), rows_b, 0.3)
+    expected = np.zeros((40, 30, 3))
+    expected[:20, :30] += 0.3 * a
+    expected[:40, :20] += 0.7 * b
+    assert image.size == (30, 40)
+    assert np.abs(np.asarray(image) - expected).max() <= 1
+    np.testing.assert_allclose(rows[:, 5], [0.3, 0.7, 0.7])
+    np.testing.assert_allclose(rows[:, 4], [0, 1, 2])
+
+
+def test_training_samples_carry_mixup_ratios_and_switch_off(tiny):
+    ds = TrainDataset(CocoDetection(tiny["train_images"], tiny["train_json"]), size=128,
+                      augment=False)
+    for index in range(len(ds)):
+        lam, partner = draw_mixup(np.random.default_rng([0, 0, index]), index, len(ds))
+        mix = ds[index][1][:, 5].numpy()
+        n_own, n_partner = len(ds.data.load_targets(index)), len(ds.data.load_targets(partner))
+        np.testing.assert_allclose(mix, [lam] * n_own + [1 - lam] * n_partner, rtol=1e-6)
+    ds.mixup = False
+    for index in range(len(ds)):
+        target = ds[index][1]
+        assert len(target) == len(ds.data.load_targets(index)) and (target[:, 5] == 1).all()
+
+
+# ---- random shapes, batching, normalisation ------------------------------------------------
+
+
+def test_random_size_covers_the_set_changes_every_k_and_agrees_across_ranks():
+    seen = [random_size(7, it) for it in range(5000)]
+    assert set(seen) == set(SIZES) == set(range(320, 609, 32))
+    blocks = np.array(seen).reshape(-1, 10)
+    assert (blocks == blocks[:, :1]).all()  # constant within each block of 10 iterations
+    assert (blocks[1:, 0] != blocks[:-1, 0]).mean() > 0.8  # and redrawn at each block (9/10)
+    assert len({random_size(7, it, every=3) for it in range(3)}) == 1
+    ranks = []
+    for rank in range(2):  # simulated ranks: different global random states, same draws
+        random.seed(rank)
+        np.random.seed(rank)
+        torch.manual_seed(rank)
+        ranks.append([random_size(7, it) for it in range(200)])
+    assert ranks[0] == ranks[1]
+    assert [random_size(8, it) for it in range(200)] != ranks[0]  # the seed matters
+
+
+def test_collate_normalises_and_resize_batch_scales_boxes():
+    image, rows = rect_image(256, 256, [(32, 64, 160, 128)], background=(0, 0, 0))
+    sample = (torch.from_numpy(np.array(image)).permute(2, 0, 1),
+              torch.tensor([[0, 96, 96, 128, 64, 0.5]]))
+    images, targets = collate([sample, sample])
+    assert images.shape == (2, 3, 256, 256) and images.dtype == torch.float32
+    white = [(1 - m) / s for m, s in zip(MEAN, STD, strict=True)]  # 2.2489, 2.4286, 2.6400
+    np.testing.assert_allclose(images[0, :, 70, 40], white, atol=1e-5)
+    black = [-m / s for m, s in zip(MEAN, STD, strict=True)]
+    np.testing.assert_allclose(images[0, :, 0, 0], black, atol=1e-5)
+    small, scaled = resize_batch(images, targets, 160)
+    assert small.shape == (2, 3, 160, 160)
+    np.testing.assert_allclose(scaled[1].numpy(), [[0, 60, 60, 80, 40, 0.5]])
+    assert targets[1][0, 1] == 96  # the input is not changed in place
+    mask = small[0, 0].numpy() > (white[0] - MEAN[0] / STD[0]) / 2
+    ys, xs = np.nonzero(mask)
+    np.testing.assert_allclose([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1],
+                               [20, 40, 100, 80], atol=1)  # (32, 64, 160, 128) * 160 / 256
+
+
+def test_normalize_resizes_and_standardises():
+    image = np.zeros((40, 60, 3), np.uint8) + np.array(FILL, np.uint8)
+    image.flags.writeable = False  # as np.asarray(PIL image) gives
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. torch's warning on a read-only array
+        x = data.normalize(image, 32)
+    assert x.shape == (3, 32, 32)
+    assert x.abs().max() < 0.01  # the mean colour maps to ~0
+    assert data.normalize(image, (16, 48)).shape == (3, 16, 48)
+
+
+def test_samples_reproducible_whatever_the_worker_count(tiny):
+    ds = TrainDataset(CocoDetection(tiny["train_images"], tiny["train_json"]), size=96, seed=3)
+    a, b = ds[5], ds[5]
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    ds.set_epoch(1)
+    assert not torch.equal(ds[5][0], a[0])
+    ds.set_epoch(0)
+    batches = []
+    for workers in (0, 2):
+        loader = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=workers,
+                                             collate_fn=collate)
+        batches.append(list(loader))
+    for (x0, t0), (x2, t2) in zip(*batches, strict=True):
+        assert torch.equal(x0, x2) and all(torch.equal(u, v) for u, v in zip(t0, t2, strict=True))
+
+
+# ---- the synthetic set ---------------------------------------------------------------------
+
+
+def test_synthetic_set_is_deterministic_and_cached(tmp_path):
+    kwargs = dict(n_train=4, n_val=3, image_size=64, seed=5)
+    p1, p2 = make_synthetic(tmp_path / "a", **kwargs), make_synthetic(tmp_path / "b", **kwargs)
+    for key in ("train_json", "val_json"):
+        assert open(p1[key], "rb").read() == open(p2[key], "rb").read()
+    png = "/000002.png"
+    assert open(p1["val_images"] + png, "rb").read() == open(p2["val_images"] + png, "rb").read()
+    other = make_synthetic(tmp_path / "a", **{**kwargs, "seed": 6})
+    assert open(other["train_json"], "rb").read() != open(p1["train_json"], "rb").read()
+    stamp = (tmp_path / "a").stat().st_mtime_ns, open(p1["train_json"], "rb").read()
+    assert make_synthetic(tmp_path / "a", **kwargs) == p1  # cached: nothing written again
+    assert stamp == ((tmp_path / "a").stat().st_mtime_ns, open(p1["train_json"], "rb").read())
+
+
+def test_synthetic_ground_truth_scores_ap_1_in_cocoeval(tiny):
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(tiny["val_json"])
+        dets = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"],
+                 "score": 1.0} for a in gt.dataset["annotations"]]
+        evaluation = COCOeval(gt, gt.loadRes(dets), "bbox")
+        evaluation.evaluate()
+        evaluation.accumulate()
+        evaluation.summarize()
+    assert len(dets) > 5
+    assert evaluation.stats[0] == 1.0 and evaluation.stats[1] == 1.0  # AP, AP50
+
+
+def test_synthetic_images_match_json_and_have_the_promised_content(tmp_path):
+    paths = make_synthetic(tmp_path, n_train=40, n_val=2, image_size=128, seed=1)
+    ds = CocoDetection(paths["train_images"], paths["train_json"])
+    image, _ = ds.load_image(0)
+    assert image.shape == (128, 128, 3) and Image.open(ds._files[0]).format == "PNG"
+    rows = np.concatenate([ds.load_targets(i) for i in range(len(ds))])
+    sides = np.minimum(rows[:, 3] - rows[:, 1], rows[:, 4] - rows[:, 2])
+    assert set(rows[:, 0].astype(int)) == set(range(len(data.SYNTHETIC_CLASSES)))
+    assert sides.min() >= 8 and sides.min() < 12 and sides.max() > 0.45 * 128
+    spans = [np.ptp(ds.load_targets(i)[:, 3] - ds.load_targets(i)[:, 1]) for i in range(len(ds))
+             if len(ds.load_targets(i)) > 1]
+    assert max(spans) > 40  # small and large in the same image
+    overlaps = 0
+    for i in range(len(ds)):
+        b = ds.load_targets(i)[:, 1:]
+        iou = data._iou(b, b)
+        overlaps += (iou[np.triu_indices(len(b), 1)] > 0).sum()
+    assert overlaps > 0  # some occlusion
+
+
+@pytest.mark.parametrize("shape", [s for _, s, _ in data.SYNTHETIC_CLASSES])
+def test_synthetic_shapes_fill_exactly_their_boxes(shape):
+    for w, h in [(8, 8), (9, 13), (31, 20), (60, 61)]:
+        image = Image.new("RGB", (80, 80))
+        data.draw_shape(ImageDraw.Draw(image), shape, (5, 7, w, h), (255, 255, 255))
+        ys, xs = np.nonzero(np.asarray(image)[..., 0])
+        assert [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1] == [5, 7, 5 + w, 7 + h], (w, h)
+
+
+# ---- bad input -----------------------------------------------------------------------------
+
+
+def test_missing_image_file_fails_at_start_naming_it(tmp_path):
+    folder, ann = write_coco(tmp_path, [("here.png", Image.new("RGB", (8, 8)), (8, 8)),
+                                        ("gone.png", None, (8, 8))], [])
+    with pytest.raises(FileNotFoundError, match=r"1 of 2 .*gone\.png \(image id 2\)"):
+        CocoDetection(folder, ann)
+
+
+def test_corrupt_and_truncated_jpegs_raise_on_load_and_are_skipped_in_training(tmp_path):
+    good = Image.new("RGB", (64, 48), (200, 30, 30))
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 64, 3), np.uint8)).save(
+        buffer, "JPEG")
+    (tmp_path / "cut.jpg").write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+    (tmp_path / "junk.jpg").write_bytes(b"not a jpeg at all")
+    folder, ann = write_coco(tmp_path, [("junk.jpg", None, (64, 48)), ("cut.jpg", None, (64, 48)),
+                                        ("good.png", good, (64, 48))],
+                             [(1, 1, 1, (1, 1, 9, 9)), (2, 3, 1, (10, 10, 20, 20))])
+    ds = CocoDetection(folder, ann)  # readable at start-up: only decoding finds these
+    for index, name in ((0, "junk.jpg"), (1, "cut.jpg")):
+        with pytest.raises(DataError, match=name):
+            ds.load_image(index)
+    train = TrainDataset(ds, size=64, mixup=False, augment=False)
+    with pytest.warns(UserWarning) as record:
+        image, target = train[0]  # junk -> cut -> good
+    assert "junk.jpg: cannot read" in str(record[0].message)
+    assert "cut.jpg: cannot read" in str(record[1].message)
+    assert "2 unreadable so far" in str(record[1].message)
+    assert image.float().mean(dim=(1, 2)).tolist() == [200, 30, 30]
+    np.testing.assert_allclose(target.numpy(), [[0, 20, 26.6667, 20, 26.6667, 1]], rtol=1e-4)
+
+
+@pytest.mark.parametrize("mode, value, expected", [
+    ("L", 77, (77, 77, 77)),
+    ("RGBA", (10, 20, 30, 0), (10, 20, 30)),  # alpha dropped, as OpenCV
+    ("P", None, (0, 0, 0)),
+    ("CMYK", (0, 255, 0, 0), (255, 0, 255)),
+    ("I;16", 1000, (4, 4, 4)),  # 16-bit scaled: 1000 / 257 = 3.9
+    ("I;16", 65535, (255, 255, 255)),
+])
+def test_non_rgb_images_load_as_rgb(tmp_path, mode, value, expected):
+    name = "x.jpg" if mode == "CMYK" else "x.png"
+    if mode == "I;16":
+        image = Image.fromarray(np.full((6, 5), value, np.uint16))
+    else:
+        image = Image.new(mode, (5, 6), value)
+    folder, ann = write_coco(tmp_path, [(name, image, (5, 6))], [])
+    array, image_id = CocoDetection(folder, ann).load_image(0)
+    assert array.dtype == np.uint8 and array.shape == (6, 5, 3) and image_id == 1
+    assert array.flags.writeable  # torch.from_numpy warns on read-only arrays
+    np.testing.assert_allclose(array[3, 2], expected, atol=2)
+
+
+def test_exif_rotated_photo_is_turned_upright(tmp_path):
+    raw = np.zeros((20, 40, 3), np.uint8)  # 40 wide, 20 high as stored
+    raw[:5, :5] = (255, 0, 0)  # a red block at the stored top-left
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation 6: shown turned 90 degrees clockwise
+    Image.fromarray(raw).save(tmp_path / "photo.jpg", exif=exif.tobytes(), quality=95)
+    folder, ann = write_coco(tmp_path, [("photo.jpg", None, (20, 40))], [])
+    array, _ = CocoDetection(folder, ann).load_image(0)
+    assert array.shape == (40, 20, 3)
+    assert array[2, 17, 0] > 200 and array[2, 2, 0] < 50  # the block is now top-right
+    folder, ann = write_coco(tmp_path, [("photo.jpg", None, (40, 20))], [], name="raw.json")
+    with pytest.raises(DataError, match=r"photo\.jpg: decoded size 20x40"):
+        CocoDetection(folder, ann).load_image(0)
+
+
+def test_zero_negative_and_outside_boxes_are_skipped_or_clipped_with_counts(tmp_path):
+    anns = [(1, 1, 1, (5, 5, 10, 10)), (2, 1, 1, (5, 5, 0, 10)), (3, 1, 1, (5, 5, 10, -3)),
+            (4, 1, 1, (200, 5, 10, 10)), (5, 1, 1, (-5, 90, 20, 20))]
+    folder, ann = write_coco(tmp_path, [("a.png", Image.new("RGB", (100, 100)), (100, 100))], anns)
+    with pytest.warns(UserWarning) as record:
+        ds = CocoDetection(folder, ann)
+    messages = " | ".join(str(w.message) for w in record)
+    assert "2 box(es) zero or negative width/height, skipped; annotation ids [2, 3]" in messages
+    assert "1 box(es) outside the image, skipped; annotation ids [4]" in messages
+    assert "1 box(es) partly outside the image, clipped; annotation ids [5]" in messages
+    np.testing.assert_allclose(ds.load_targets(0), [[0, 5, 5, 15, 15], [0, 0, 90, 15, 100]])
+
+
+def test_unknown_category_raises_naming_file_and_annotation(tmp_path):
+    folder, ann = write_coco(tmp_path, [("a.png", Image.new("RGB", (9, 9)), (9, 9))],
+                             [(1, 1, 1, (1, 1, 2, 2)), (7, 1, 99, (1, 1, 2, 2))])
+    with pytest.raises(DataError, match=r"ann\.json: annotation 7 has category_id 99"):
+        CocoDetection(folder, ann)
+
+
+def test_bad_annotation_files_raise_naming_the_problem(tmp_path):
+    (tmp_path / "broken.json").write_text('{"images": [}')
+    with pytest.raises(DataError, match=r"broken\.json: not valid JSON"):
+        CocoDetection(str(tmp_path), str(tmp_path / "broken.json"))
+    for key in ("images", "annotations"):
+        content = {"images": [], "annotations": [], "categories": []}
+        del content[key]
+        (tmp_path / "part.json").write_text(json.dumps(content))
+        with pytest.raises(DataError, match=rf"part\.json: no '{key}' list"):
+            CocoDetection(str(tmp_path), str(tmp_path / "part.json"))
+    info = CocoDetection(str(tmp_path), str(tmp_path / "part.json"), require_annotations=False)
+    with pytest.raises(DataError, match="no 'annotations'; cannot train"):
+        TrainDataset(info)  # an image-info file (COCO test-dev) is for inference only
+
+
+def test_image_without_objects_is_valid_training_data(tmp_path):
+    folder, ann = write_coco(tmp_path, [("a.png", Image.new("RGB", (30, 20)), (30, 20))], [])
+    ds = TrainDataset(CocoDetection(folder, ann), size=32)
+    image, target = ds[0]
+    assert image.shape == (3, 32, 32) and target.shape == (0, 6)
+    images, targets = resize_batch(*collate([ds[0], ds[0]]), 64)
+    assert images.shape == (2, 3, 64, 64) and targets[0].shape == (0, 6)
