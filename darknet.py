@@ -216,6 +216,9 @@ def read_darknet_weights(path: str, layers: list[tuple[nn.Conv2d, nn.BatchNorm2d
                                      f"needs more (layer {conv}, tensor {tuple(t.shape)})")
                 t.copy_(torch.from_numpy(data[pos:pos + t.numel()].copy()).view_as(t))
                 pos += t.numel()
+    if pos != data.size:
+        raise ValueError(f"{path}: holds {data.size} floats but the model takes {pos}: the file "
+                         f"was written for another layout (number of classes, SPP, guided head?)")
     return pos
 
 

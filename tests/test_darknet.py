@@ -93,5 +93,8 @@ def test_backbone_file_and_truncated_file(tmp_path):
     (tmp_path / "short.weights").write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match="short.weights"):
         read_darknet_weights(tmp_path / "short.weights", target.darknet_layers())
+    (tmp_path / "long.weights").write_bytes(data + b"\0" * 64)
+    with pytest.raises(ValueError, match="long.weights.*another layout"):
+        read_darknet_weights(tmp_path / "long.weights", target.darknet_layers())
     header = np.fromfile(path, dtype="<i4", count=3)
     assert header.tolist() == [0, 2, 0]

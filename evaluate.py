@@ -1,0 +1,875 @@
+"""COCO evaluation, the speed column and Figure 3 pictures - paper Sec. 3.4, Tables 3-4, Figure 3.
+
+Inference (Sec. 3.4): plain resize to the test size (the release's preprocessing; letterbox is an
+option), the model's eval-mode decode (head.py), then `postprocess`: corners from (cx, cy, w, h),
+score = obj * class probability (one label per box, the argmax class, as released; multi-label
+is an option), a low confidence threshold (COCO AP needs the tail), greedy NMS separately per
+class at IoU 0.6 (the paper; the release used 0.65, `--nms 0.65`), at most 100 boxes per image.
+
+Public entry points:
+    postprocess(decoded (B, N, 5+C), conf_thre, nms_thre, max_det) -> list of B (K, 7) tensors
+        columns [x1, y1, x2, y2, score, class, obj] in input pixels, by descending score
+    batched_nms(boxes (K, 4), scores (K,), classes (K,), iou_thre) -> kept indices (K',)
+    to_original(det (K, 7), input_hw, original_hw, letterbox=False) -> (K, 7) in image pixels
+    to_coco_results(dets, image_ids, cat_ids) -> COCO results list ([x, y, w, h], real ids)
+    coco_score(coco_gt, results, image_ids) -> {"AP", "AP50", ..., "ARl"} (pycocotools COCOeval)
+    evaluate(model, dataset, size=608, ...) -> dict of floats; sharded over torch.distributed
+        ranks when a process group is up (train.py calls it)
+    load_model(weights, **config) -> Detector from our checkpoint, a released one or darknet's
+    benchmark(...) -> the Tables 3-4 speed figures: baseline / sum / concat / ASFF / ASFF*
+        forwards timed in interleaved rounds (so their ratio is fair), plain and conv+BN
+        folded; decode and NMS timed separately on realistic score distributions
+    draw_figure3(image, detections, maps, class_names) -> PIL.Image (Figure 3)
+    show(model, image, out, size, class_names) -> path of the Figure 3 PNG (train.py's demo)
+
+Command line (`python evaluate.py -h`; no arguments prints the help and a toy NMS example):
+    python evaluate.py --weights yolov3_asff.pth --data /coco --size 608    # val2017 AP
+    python evaluate.py --weights ckpt.pt --data /coco --test-dev --out run/  # server file
+    python evaluate.py --speed --runs 5 --threads 1                          # Tables 3-4
+    python evaluate.py --show img.jpg --weights ckpt.pt --out run/           # Figure 3
+    torchrun --nproc_per_node 4 evaluate.py --weights ...                    # sharded
+
+Departures from the release: NMS 0.6 (paper) rather than 0.65; a 100-box cap per image (COCO
+scores only the top 100 anyway); pure-PyTorch NMS instead of torchvision's. Like the release,
+boxes are not clipped to the image and no +1 is added to widths.
+"""
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image, ImageDraw, ImageFont
+
+CONF_THRE = 0.005   # low, as COCO AP needs (the release: 0.001 in eval.py, 0.01 in main.py)
+NMS_THRE = 0.6      # Sec. 3.4; the release's config moved to 0.65 after publication
+MAX_DET = 100       # COCOeval's maxDets: more boxes per image are never scored
+COCO_STATS = ("AP", "AP50", "AP75", "APs", "APm", "APl",
+              "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")   # order of COCOeval.stats
+PAPER_COLUMNS = COCO_STATS[:6]                                # Tables 3-4
+COCO_NAMES = tuple(n.replace("_", " ") for n in (  # the 80 classes, in sorted-id order (the
+    # release's demo.py indexed a 90-name list and labelled most classes wrongly, facts 13.13)
+    "person bicycle car motorcycle airplane bus train truck boat traffic_light fire_hydrant "
+    "stop_sign parking_meter bench bird cat dog horse sheep cow elephant bear zebra giraffe "
+    "backpack umbrella handbag tie suitcase frisbee skis snowboard sports_ball kite baseball_bat "
+    "baseball_glove skateboard surfboard tennis_racket bottle wine_glass cup fork knife spoon bowl "
+    "banana apple sandwich orange broccoli carrot hot_dog pizza donut cake chair couch "
+    "potted_plant bed dining_table toilet tv laptop mouse remote keyboard cell_phone microwave "
+    "oven toaster sink refrigerator book clock vase scissors teddy_bear hair_drier "
+    "toothbrush").split())
+
+
+# ---------------------------------------------------------------------------------------------
+# Post-processing (Sec. 3.4): threshold, per-class NMS, top 100
+# ---------------------------------------------------------------------------------------------
+def xywh_to_xyxy(boxes: torch.Tensor) -> torch.Tensor:
+    """(..., 4) [cx, cy, w, h] -> (..., 4) [x1, y1, x2, y2]."""
+    cx, cy, w, h = boxes.unbind(-1)
+    return torch.stack((cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2), dim=-1)
+
+
+def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """IoU of every pair of corner boxes: (N, 4), (M, 4) -> (N, M)."""
+    lt = torch.maximum(a[:, None, :2], b[None, :, :2])                   # (N, M, 2)
+    rb = torch.minimum(a[:, None, 2:], b[None, :, 2:])                   # (N, M, 2)
+    inter = (rb - lt).clamp(min=0).prod(-1)                              # (N, M)
+    area_a = (a[:, 2:] - a[:, :2]).prod(-1)                              # (N,)
+    area_b = (b[:, 2:] - b[:, :2]).prod(-1)                              # (M,)
+    return inter / (area_a[:, None] + area_b[None, :] - inter)           # (N, M)
+
+
+def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, classes: torch.Tensor,
+                iou_thre: float, max_det: int | None = None, chunk: int = 512) -> torch.Tensor:
+    """Greedy NMS separately per class; indices of the kept boxes by descending score.
+
+    A box is dropped when its IoU with a kept, higher-scoring box of its class is > iou_thre.
+    Equal scores keep input order (stable sort). The offset trick moves each class to its own
+    region of the plane, so boxes of different classes never overlap and one greedy pass over
+    all classes does the per-class NMS; float64 keeps that shift (up to C x span) exact.
+    Candidates are taken in chunks by score, so memory stays O(chunk^2) and the pass stops as
+    soon as `max_det` boxes are kept (the greedy order makes those the top max_det).
+    """
+    if boxes.shape[0] == 0:
+        return torch.zeros(0, dtype=torch.long, device=boxes.device)
+    b = boxes.double()                                                   # (K, 4)
+    span = b.max() - b.min() + 1.0
+    b = b - b.min() + classes.double()[:, None] * span                   # (K, 4) class-shifted
+    order = scores.argsort(descending=True, stable=True)                 # (K,)
+    b = b[order]                                                         # (K, 4) by score
+    limit = max_det or len(order)
+    kept: list[int] = []                                                 # positions in `order`
+    for start in range(0, len(order), chunk):
+        block = b[start:start + chunk]                                   # (M, 4)
+        dead = torch.zeros(len(block), dtype=torch.bool, device=b.device)  # (M,)
+        if kept:                                                         # earlier keepers
+            dead = (box_iou(b[kept], block) > iou_thre).any(0)           # (M,)
+        overlap = (box_iou(block, block) > iou_thre).cpu().numpy()       # (M, M)
+        dead = dead.cpu().numpy().copy()
+        # The greedy pass itself is sequential; it walks numpy views of the two masks because
+        # a per-element torch index costs microseconds (it runs once per candidate).
+        for i in range(len(block)):
+            if dead[i]:
+                continue
+            kept.append(start + i)
+            if len(kept) == limit:
+                return order[kept]
+            dead |= overlap[i]
+    return order[kept]
+
+
+def postprocess(decoded: torch.Tensor, conf_thre: float = CONF_THRE, nms_thre: float = NMS_THRE,
+                max_det: int = MAX_DET, multi_label: bool = False) -> list[torch.Tensor]:
+    """Decoded rows (B, N, 5+C) -> per image (K, 7) [x1, y1, x2, y2, score, class, obj].
+
+    score = obj * class probability; class is the contiguous index (a float column); obj is the
+    objectness alone. Rows by descending score, K <= max_det. With multi_label every
+    (box, class) pair over the threshold is a candidate; otherwise only the argmax class.
+    """
+    return [_postprocess_image(p, conf_thre, nms_thre, max_det, multi_label) for p in decoded]
+
+
+def _postprocess_image(p: torch.Tensor, conf_thre: float, nms_thre: float, max_det: int,
+                       multi_label: bool) -> torch.Tensor:
+    p = p[p[:, 4] >= conf_thre]       # (N', 5+C) class probs <= 1, so obj >= conf is necessary
+    obj = p[:, 4]                                                        # (N',)
+    if multi_label:
+        rows, cls = (p[:, 5:] * obj[:, None] >= conf_thre).nonzero(as_tuple=True)  # (K,), (K,)
+        score = p[rows, 5 + cls] * obj[rows]                             # (K,)
+    else:
+        cls_prob, cls = p[:, 5:].max(1)                                  # (N',), (N',)
+        score = obj * cls_prob                                           # (N',) obj * max cls
+        rows = (score >= conf_thre).nonzero().squeeze(1)                 # (K,)
+        cls, score = cls[rows], score[rows]                              # (K,), (K,)
+    boxes = xywh_to_xyxy(p[rows, :4])                                    # (K, 4)
+    keep = batched_nms(boxes, score, cls, nms_thre, max_det)             # (K',)
+    columns = (score[keep, None], cls[keep, None].to(p.dtype), obj[rows][keep, None])
+    return torch.cat((boxes[keep], *columns), dim=1)                     # (K', 7)
+
+
+# ---------------------------------------------------------------------------------------------
+# Input pixels <-> original image pixels
+# ---------------------------------------------------------------------------------------------
+def letterbox_geometry(original_hw: tuple[int, int], input_hw: tuple[int, int]):
+    """Letterbox: the image resized to (new_w, new_h) keeping its aspect, pasted at (pad_x,
+    pad_y) of the input. Returns (new_w, new_h, pad_x, pad_y)."""
+    (h, w), (in_h, in_w) = original_hw, input_hw
+    r = min(in_w / w, in_h / h)
+    new_w, new_h = round(w * r), round(h * r)
+    return new_w, new_h, (in_w - new_w) // 2, (in_h - new_h) // 2
+
+
+def to_original(det: torch.Tensor, input_hw: tuple[int, int], original_hw: tuple[int, int],
+                letterbox: bool = False) -> torch.Tensor:
+    """(K, 7) detections in input pixels -> (K, 7) in the original image's pixels (a new tensor).
+
+    Plain resize (the default, as released): x * (orig_w / in_w), y * (orig_h / in_h).
+    Letterbox: the inverse of `letterbox_geometry`, (x - pad_x) * (orig_w / new_w).
+    """
+    (in_h, in_w), (h, w) = input_hw, original_hw
+    new_w, new_h, pad_x, pad_y = (letterbox_geometry(original_hw, input_hw) if letterbox
+                                  else (in_w, in_h, 0, 0))
+    out = det.clone()                                                    # (K, 7)
+    out[:, [0, 2]] = (det[:, [0, 2]] - pad_x) * (w / new_w)
+    out[:, [1, 3]] = (det[:, [1, 3]] - pad_y) * (h / new_h)
+    return out
+
+
+def preprocess(image: np.ndarray, size: int, letterbox: bool = False) -> torch.Tensor:
+    """uint8 (H, W, 3) RGB -> (3, size, size) input: data.normalize's plain resize (the release's),
+    or the same resize to the letterbox area, pasted on zeros (= the ImageNet mean colour)."""
+    from data import normalize
+    if not letterbox:
+        return normalize(image, size)                                    # (3, size, size)
+    new_w, new_h, pad_x, pad_y = letterbox_geometry(image.shape[:2], (size, size))
+    x = torch.zeros(3, size, size)                                       # (3, size, size)
+    x[:, pad_y:pad_y + new_h, pad_x:pad_x + new_w] = normalize(image, (new_h, new_w))
+    return x
+
+
+# ---------------------------------------------------------------------------------------------
+# COCO results and scoring (pycocotools)
+# ---------------------------------------------------------------------------------------------
+def to_coco_results(detections: list[torch.Tensor], image_ids: list[int],
+                    cat_ids: list[int]) -> list[dict]:
+    """Per-image (K, 7) detections in original pixels -> COCO results: [x, y, w, h] (w = x2 - x1,
+    no +1, as released) and the data set's own category id cat_ids[class]."""
+    results = []
+    for det, image_id in zip(detections, image_ids):
+        for x1, y1, x2, y2, score, cls, _ in det.tolist():
+            results.append({"image_id": int(image_id), "category_id": int(cat_ids[int(cls)]),
+                            "bbox": [round(x1, 2), round(y1, 2), round(x2 - x1, 2),
+                                     round(y2 - y1, 2)],
+                            "score": round(score, 5)})
+    return results
+
+
+def check_results(results: list[dict], coco_gt, source: str = "the annotation file") -> None:
+    """Refuse results whose category or image id the annotations do not know (before
+    pycocotools, whose own message is an assert or a KeyError deep inside COCOeval)."""
+    known_cats, known_images = set(coco_gt.getCatIds()), set(coco_gt.getImgIds())
+    bad_cats = sorted({r["category_id"] for r in results} - known_cats)
+    if bad_cats:
+        raise ValueError(f"results use category id(s) {bad_cats[:10]} that {source} does not "
+                         f"define (it has {len(known_cats)} categories: {sorted(known_cats)[:10]}"
+                         f"{'...' if len(known_cats) > 10 else ''})")
+    bad_images = sorted({r["image_id"] for r in results} - known_images)
+    if bad_images:
+        raise ValueError(f"results use image id(s) {bad_images[:10]} that {source} does not have")
+
+
+def coco_score(coco_gt, results: list[dict], image_ids: list[int] | None = None,
+               verbose: bool = True) -> dict[str, float]:
+    """COCOeval(bbox) of `results` over `image_ids` (default: all) -> the 12 stats as floats.
+
+    Prints pycocotools' 12-line summary when verbose. No detections at all scores 0.
+    """
+    check_results(results, coco_gt)
+    if not results:
+        print("no detections: every AP and AR is 0")
+        return dict.fromkeys(COCO_STATS, 0.0)
+    out = sys.stdout if verbose else io.StringIO()
+    with contextlib.redirect_stdout(out):
+        coco_dt = coco_gt.loadRes([dict(r) for r in results])  # loadRes adds keys to each dict
+        from pycocotools.cocoeval import COCOeval
+        cocoeval = COCOeval(coco_gt, coco_dt, "bbox")
+        if image_ids is not None:
+            cocoeval.params.imgIds = sorted(image_ids)
+        cocoeval.evaluate()
+        cocoeval.accumulate()
+        cocoeval.summarize()
+    return {k: float(v) for k, v in zip(COCO_STATS, cocoeval.stats)}
+
+
+def format_paper_row(metrics: dict[str, float]) -> str:
+    """The paper's columns (AP, AP50, AP75, APs, APm, APl) in percent, as in Tables 3-4."""
+    head = "".join(f"{k:>7}" for k in PAPER_COLUMNS)
+    row = "".join(f"{100 * metrics[k]:>7.1f}" for k in PAPER_COLUMNS)
+    return f"{head}\n{row}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation loop: one process or sharded over torch.distributed ranks
+# ---------------------------------------------------------------------------------------------
+def _rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _image_name(dataset, index: int) -> str:
+    image_id = dataset.ids[index]
+    info = getattr(dataset, "coco", None) and dataset.coco.imgs.get(image_id)
+    return info["file_name"] if info else f"image id {image_id}"
+
+
+def _load_batch(dataset, indices, size, letterbox, failures):
+    """Load and preprocess images; a failing image is named, counted and left out."""
+    inputs, metas = [], []
+    for index in indices:
+        try:
+            image, image_id = dataset.load_image(index)
+        except Exception as e:  # noqa: BLE001 - any decode failure: name it, skip the image
+            failures.append(_image_name(dataset, index))
+            print(f"skipped {failures[-1]}: {type(e).__name__}: {e}", flush=True)
+            continue
+        inputs.append(preprocess(image, size, letterbox))                # (3, S, S)
+        metas.append((index, image_id, image.shape[:2]))
+    return inputs, metas
+
+
+def _infer_shard(model, dataset, indices, size, post, letterbox, batch_size, amp_dtype,
+                 progress) -> tuple[dict[int, list[dict]], list[str]]:
+    """Detections of the images at `indices`: {dataset index: COCO result dicts}, failures."""
+    device = next(model.parameters()).device
+    per_image, failures = {}, []
+    for start in range(0, len(indices), batch_size):
+        batch = indices[start:start + batch_size]
+        inputs, metas = _load_batch(dataset, batch, size, letterbox, failures)
+        if inputs:
+            x = torch.stack(inputs).to(device)                           # (B, 3, S, S)
+            with torch.no_grad(), torch.autocast(device.type, amp_dtype,
+                                                 enabled=amp_dtype is not None):
+                decoded = model(x).float()                               # (B, N, 5+C)
+            for det, (index, image_id, hw) in zip(postprocess(decoded, **post), metas):
+                det = to_original(det.cpu(), (size, size), hw, letterbox)  # (K, 7)
+                per_image[index] = to_coco_results([det], [image_id], dataset.cat_ids)
+        progress(len(batch))
+    return per_image, failures
+
+
+def _progress(total: int, world: int, verbose: bool):
+    """A rank-0 status line every ~5 s: images done (rank 0's count x ranks) / total, rate, ETA."""
+    state = {"done": 0, "start": time.time(), "last": 0.0}
+
+    def step(n: int) -> None:
+        state["done"] += n * world
+        now = time.time()
+        if verbose and (now - state["last"] > 5 or state["done"] >= total):
+            done = min(state["done"], total)
+            rate = done / max(now - state["start"], 1e-9)
+            eta = (total - done) / max(rate, 1e-9)
+            print(f"eval {done}/{total} images  {rate:.1f} img/s  ETA {eta:.0f}s", flush=True)
+            state["last"] = now
+    return step
+
+
+def evaluate(model, dataset, size: int = 608, conf_thre: float = CONF_THRE,
+             nms_thre: float = NMS_THRE, max_det: int = MAX_DET, multi_label: bool = False,
+             letterbox: bool = False, batch_size: int = 8, limit: int | None = None,
+             test_dev: bool = False, out: str | None = None, amp_dtype: torch.dtype | None = None,
+             verbose: bool = True) -> dict[str, float]:
+    """COCO evaluation of `model` (the bare Detector, not its DDP wrapper) on `dataset`
+    (data.CocoDetection or anything with .coco, .cat_ids, .ids and
+    load_image(index) -> (uint8 HxWx3 RGB, image_id)).
+
+    Under torch.distributed each rank runs images rank, rank + world, ...; detections are
+    gathered with all_gather_object, rank 0 scores, and every rank returns rank 0's dict:
+    the 12 COCO stats (not with test_dev) plus images, failed_images, detections, seconds.
+    `out` (rank 0): metrics.json and the results JSON; test_dev writes only the results file.
+    """
+    rank, world = _rank_world()
+    start, n = time.time(), len(dataset) if limit is None else min(limit, len(dataset))
+    post = dict(conf_thre=conf_thre, nms_thre=nms_thre, max_det=max_det, multi_label=multi_label)
+    was_training = model.training
+    model.eval()
+    part = _infer_shard(model, dataset, list(range(rank, n, world)), size, post, letterbox,
+                        batch_size, amp_dtype, _progress(n, world, verbose and rank == 0))
+    model.train(was_training)
+    parts = [part]
+    if world > 1:
+        parts = [None] * world
+        dist.all_gather_object(parts, part)
+    metrics = {}
+    if rank == 0:
+        per_image = {i: r for p, _ in parts for i, r in p.items()}
+        failures = [name for _, f in parts for name in f]
+        results = [r for i in sorted(per_image) for r in per_image[i]]   # dataset order
+        image_ids = [dataset.ids[i] for i in range(n)]                   # failed ones included
+        metrics = _report(dataset, results, image_ids, failures, test_dev, out, verbose, start)
+    if world > 1:
+        box = [metrics]
+        dist.broadcast_object_list(box, src=0)
+        metrics = box[0]
+    return metrics
+
+
+def _report(dataset, results, image_ids, failures, test_dev, out, verbose,
+            start) -> dict[str, float]:
+    """Rank 0: score (or write the test-dev file), print, and write `out`."""
+    counts = {"images": float(len(image_ids)), "failed_images": float(len(failures)),
+              "detections": float(len(results)), "seconds": time.time() - start}
+    if verbose:
+        named = ": " + ", ".join(failures[:5]) if failures else ""
+        print(f"evaluated {len(image_ids)} images, {len(results)} detections, "
+              f"{len(failures)} failed to decode{named}")
+    check_results(results, dataset.coco)
+    if out:
+        Path(out).mkdir(parents=True, exist_ok=True)
+    if test_dev:   # the evaluation server's file name rule: detections_test-dev2017_<alg>_results
+        path = Path(out or ".") / "detections_test-dev2017_asff_results.json"
+        path.write_text(json.dumps(results))
+        print(f"wrote {path} for the COCO test-dev server (not scored here)")
+        return counts
+    metrics = coco_score(dataset.coco, results, image_ids, verbose) | counts
+    if verbose:
+        print(format_paper_row(metrics))
+    if out:
+        (Path(out) / "results.json").write_text(json.dumps(results))
+        (Path(out) / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# Weights: our checkpoints, the authors' released ones, darknet's yolov3.weights
+# ---------------------------------------------------------------------------------------------
+CONFIG_KEYS = ("num_classes", "fusion", "guided", "spp", "rfb", "dropblock", "width", "depth")
+
+
+def released_config(state: dict) -> dict:
+    """Detector arguments of a released checkpoint, read off its keys: ASFF has level_*_fusion,
+    ASFF* has an RFB in each head; the s32 head's conv has 4 x (5 + C) outputs."""
+    keys = [k.removeprefix("module.") for k in state]
+    asff = any(k.startswith("level_0_fusion.") for k in keys)
+    head = "level_0_header.conv.weight" if asff else "module_list.19.conv.weight"
+    weight = state.get(head, state.get("module." + head))
+    if weight is None:
+        raise KeyError(f"no {head}: not a released baseline / ASFF / ASFF* detector checkpoint")
+    return dict(num_classes=weight.shape[0] // 4 - 5, fusion="asff" if asff else None,
+                rfb=any(".rfb." in k for k in keys))
+
+
+def load_checked(model: torch.nn.Module, state: dict, source: str) -> None:
+    """load_state_dict, but the first missing, unexpected or mis-shaped key is an error naming
+    the key and both shapes (our checkpoints; the released ones go through head.load_released)."""
+    ours = model.state_dict()
+    for key in [*ours, *(k for k in state if k not in ours)]:
+        mine = tuple(ours[key].shape) if key in ours else "absent"
+        theirs = tuple(state[key].shape) if key in state else "absent"
+        if mine != theirs:
+            raise ValueError(f"{source}: key {key}: checkpoint {theirs}, model {mine} "
+                             "(the checkpoint was made for another configuration)")
+    model.load_state_dict(state)
+
+
+def checkpoint_config(ckpt: dict) -> dict:
+    """Detector arguments of our checkpoint: its config's CONFIG_KEYS; num_classes, which
+    train.py takes from the data set rather than the config, is read off the s32 head."""
+    config = {k: ckpt["config"][k] for k in CONFIG_KEYS if k in ckpt["config"]}
+    if config.get("fusion") == "none":
+        config["fusion"] = None
+    if "num_classes" not in config:
+        slots = 4 if config.get("guided", True) else 3           # 5 + C outputs per slot
+        config["num_classes"] = ckpt["model"]["heads.s32.pred.weight"].shape[0] // slots - 5
+    return config
+
+
+def load_model(weights: str | None = None, ema: bool | None = None, **config):
+    """A Detector with weights from `weights`:
+    - our checkpoint {"model": state dict, "config": {...}, "ema": state dict or None}
+      (train.py): built from checkpoint_config (`config` arguments are ignored); the EMA weights
+      when there are any (train.py evaluates those) unless ema=False; ema=True requires them;
+    - an authors' checkpoint (a bare state dict): the variant read off its keys, head.load_released;
+    - darknet's yolov3.weights: the original YOLOv3 layout (fusion=None, guided=False, spp=False);
+    - None: random initialisation from `config` (for speed runs and smoke tests).
+    """
+    from head import Detector, load_released
+    if weights is None:
+        return Detector(**config)
+    if str(weights).endswith(".weights"):
+        from darknet import read_darknet_weights
+        model = Detector(config.get("num_classes", 80), fusion=None, guided=False, spp=False)
+        read_darknet_weights(str(weights), model.darknet_layers())
+        return model
+    state = torch.load(weights, map_location="cpu", weights_only=True)
+    if "config" in state and "model" in state:
+        has_ema = state.get("ema") is not None
+        if ema and not has_ema:
+            raise ValueError(f"{weights}: the checkpoint holds no EMA weights (trained with ema 0)")
+        model = Detector(**checkpoint_config(state))
+        load_checked(model, state["ema" if has_ema and ema is not False else "model"], str(weights))
+        return model
+    model = Detector(**released_config(state))
+    return load_released(model, state, str(weights))
+
+
+# ---------------------------------------------------------------------------------------------
+# Speed (Tables 3-4): forward and decode+NMS timed separately, variants interleaved
+# ---------------------------------------------------------------------------------------------
+SPEED_VARIANTS = {"baseline": dict(fusion=None), "sum": dict(fusion="sum"),
+                  "concat": dict(fusion="concat"), "asff": dict(fusion="asff"),
+                  "asff*": dict(fusion="asff", rfb=True, dropblock=True)}
+PAPER_FPS_608 = {"baseline": 50, "sum": 48, "concat": 42, "asff": 46, "asff*": 45.5}  # V100
+
+
+def realistic_raw(size: int, num_classes: int = 80, n_objects: int = 15, seed: int = 0):
+    """Raw head outputs of a plausible trained model on a (1, 3, size, size) input, to time the
+    decode and NMS on what they see in practice rather than on all-zero scores: n_objects
+    objects; objectness logits ~ N(-12, 2) rising by up to +10 within ~1.5 strides of an
+    object's centre at every level, the object's class logit raised alike. A few hundred
+    (box, score) rows then pass conf 0.005, in clusters that NMS has to resolve."""
+    from head import ANCHOR_MASKS, FREE_SLOT_SCALE, RELEASED_ANCHORS
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.rand(n_objects, 2, generator=g) * size                  # (O, 2) x, y
+    labels = torch.randint(num_classes, (n_objects,), generator=g)          # (O,)
+    raw = {}
+    for stride in (32, 16, 8):
+        h = w = size // stride
+        sizes = [RELEASED_ANCHORS[a] for a in ANCHOR_MASKS[stride]]
+        sizes.append((FREE_SLOT_SCALE * stride,) * 2)                       # the free slot
+        pred = torch.randn(1, 4, 5 + num_classes, h, w, generator=g)        # (1, S, 5+C, h, w)
+        cell = (torch.stack(torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij"))
+                .flip(0).float() + 0.5) * stride                            # (2, h, w) x, y
+        d = (cell[None] - centres[:, :, None, None]).norm(dim=1) / stride   # (O, h, w)
+        near, nearest = torch.exp(-(d / 1.5) ** 2).max(0)                   # (h, w), (h, w)
+        pred[:, :, 4] = pred[:, :, 4] * 2 - 12 + 10 * near                  # obj logit
+        pred[:, :, 5:] -= 6
+        onehot = torch.nn.functional.one_hot(labels[nearest], num_classes)  # (h, w, C)
+        pred[:, :, 5:] += 8 * near[:, :, None].mul(onehot).permute(2, 0, 1)
+        raw[stride] = (pred, torch.zeros(1, 4, 2, h, w), torch.tensor(sizes, dtype=torch.float32))
+    return raw
+
+
+def _timed_ms(fn, device: torch.device) -> tuple[float, float]:
+    """(wall ms, process CPU ms) of fn(), CUDA-synchronised on a GPU. On a CPU shared with other
+    jobs the CPU time is the steadier figure: it does not count the time other jobs hold the cores
+    (with --threads 1 it is exactly this call's compute)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    wall, cpu = time.perf_counter(), time.process_time()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - wall) * 1000, (time.process_time() - cpu) * 1000
+
+
+def time_decode_nms(size: int, runs: int = 30, conf_thre: float = CONF_THRE,
+                    nms_thre: float = NMS_THRE, device: str = "cpu") -> dict[str, float]:
+    """Median ms per image (wall, and process CPU as *_cpu_ms) of the decode (head.decode_level
+    on the 3 levels) and of postprocess, on `realistic_raw` outputs at `size` with 80 classes."""
+    from head import decode_level
+    dev = torch.device(device)
+    raw = {s: [t.to(dev) for t in v] for s, v in realistic_raw(size).items()}
+    decode = lambda: torch.cat([decode_level(p, sh, s, a).flatten(1, 3)   # noqa: E731
+                                for s, (p, sh, a) in raw.items()], dim=1)  # (1, N, 85)
+    decoded = decode()
+    post = lambda: postprocess(decoded, conf_thre, nms_thre)             # noqa: E731
+    dec = np.median([_timed_ms(decode, dev) for _ in range(runs)], axis=0)   # (wall, cpu)
+    nms = np.median([_timed_ms(post, dev) for _ in range(runs)], axis=0)
+    cand = int((decoded[0, :, 4:5] * decoded[0, :, 5:]).max(1).values.ge(conf_thre).sum())
+    return {"decode_ms": float(dec[0]), "nms_ms": float(nms[0]), "decode_cpu_ms": float(dec[1]),
+            "nms_cpu_ms": float(nms[1]), "candidates": cand, "kept": len(post()[0])}
+
+
+def benchmark(sizes=(416, 608), variants=tuple(SPEED_VARIANTS), device: str = "cpu",
+              amp_dtype: torch.dtype | None = None, batch: int = 1, runs: int = 5, warmup: int = 1,
+              width: float = 1.0, depth: float = 1.0, fold: bool = True,
+              verbose: bool = True) -> dict:
+    """Median forward ms per image of every variant at every size, rounds interleaved (each
+    round times every (size, variant) once) so load changes hit all alike; then the same with
+    conv+BN folded. Returns {"forward": {(folded, size, variant): wall ms}, "forward_cpu": the
+    same in process CPU ms, "decode_nms": {size: time_decode_nms(size)}}."""
+    dev = torch.device(device)
+    models = {}
+    for v in variants:
+        torch.manual_seed(0)
+        models[v] = load_model(None, num_classes=80, width=width, depth=depth,
+                               **SPEED_VARIANTS[v]).eval().to(dev)
+    times = {}
+    for folded in (False, True) if fold else (False,):
+        if folded:
+            for m in models.values():
+                m.fuse_conv_bn()
+        for r in range(warmup + runs):
+            for s in sizes:
+                x = torch.randn(batch, 3, s, s, device=dev)                # (B, 3, S, S)
+                for v in variants:
+                    with torch.no_grad(), torch.autocast(dev.type, amp_dtype,
+                                                         enabled=amp_dtype is not None):
+                        wall, cpu = _timed_ms(partial(models[v], x), dev)
+                    if r >= warmup:
+                        times.setdefault((folded, s, v), []).append((wall / batch, cpu / batch))
+            if verbose:
+                print(f"  round {r + 1}/{warmup + runs} ({'folded' if folded else 'plain'})",
+                      flush=True)
+    median = lambda k, col: float(np.median([t[col] for t in times[k]]))  # noqa: E731
+    return {"forward": {k: median(k, 0) for k in times},
+            "forward_cpu": {k: median(k, 1) for k in times},
+            "decode_nms": {s: time_decode_nms(s, device=device) for s in sizes}}
+
+
+def _overheads(fwd: dict, sizes, variants, folds, tag: str) -> dict[str, float]:
+    """{"<variant>_overhead_<tag><size>": forward / baseline forward - 1} (asff* -> asff_star)."""
+    out = {}
+    for folded, fold_tag in ((False, ""), (True, "folded_")):
+        if "baseline" not in variants or folded not in folds:
+            continue
+        for s in sizes:
+            for v in (v for v in variants if v != "baseline"):
+                ratio = fwd[(folded, s, v)] / fwd[(folded, s, "baseline")] - 1
+                out[f"{v.replace('*', '_star')}_overhead_{tag}{fold_tag}{s}"] = round(ratio, 4)
+    return out
+
+
+def speed_report(bench: dict, sizes, variants, header: str) -> str:
+    """A readable table and, as the last line, one JSON object of the headline figures."""
+    fwd, cpu, dn = bench["forward"], bench["forward_cpu"], bench["decode_nms"]
+    folds = sorted({k[0] for k in fwd})
+    nan = float("nan")
+    lines = [header, f"{'variant':<9}{'size':>5}{'fwd ms':>9}{'cpu ms':>9}{'folded':>9}"
+             f"{'f. cpu':>9}{'decode':>8}{'NMS':>7}{'FPS*':>7}{'paper FPS':>10}"]
+    summary = {}
+    for s in sizes:
+        for v in variants:
+            total = fwd[(folds[-1], s, v)] + dn[s]["decode_ms"] + dn[s]["nms_ms"]
+            paper = PAPER_FPS_608.get(v) if s == 608 else None
+            lines.append(f"{v:<9}{s:>5}{fwd[(False, s, v)]:>9.1f}{cpu[(False, s, v)]:>9.1f}"
+                         f"{fwd.get((True, s, v), nan):>9.1f}{cpu.get((True, s, v), nan):>9.1f}"
+                         f"{dn[s]['decode_ms']:>8.2f}{dn[s]['nms_ms']:>7.2f}{1000 / total:>7.2f}"
+                         f"{paper or '-':>10}")
+            for folded, tag in ((False, ""), (True, "folded_")):
+                if folded in folds:
+                    summary[f"forward_{tag}ms_{v}_{s}"] = round(fwd[(folded, s, v)], 2)
+        summary[f"decode_nms_ms_{s}"] = round(dn[s]["decode_ms"] + dn[s]["nms_ms"], 3)
+        summary[f"decode_nms_cpu_ms_{s}"] = round(dn[s]["decode_cpu_ms"] + dn[s]["nms_cpu_ms"], 3)
+        summary[f"decode_nms_candidates_{s}"] = dn[s]["candidates"]
+    summary |= _overheads(fwd, sizes, variants, folds, "") | _overheads(cpu, sizes, variants,
+                                                                       folds, "cpu_")
+    lines.append("ms per image, medians. fwd: wall time of the eval forward (it includes the "
+                 "head's decode); cpu: process CPU time of it; folded: conv+BN folded. decode, "
+                 "NMS: wall time on realistic_raw() outputs (CPU time in the JSON). FPS* = 1000 "
+                 "/ (folded fwd + decode + NMS). paper FPS: V100, Tables 3-4.")
+    return "\n".join(lines + [json.dumps(summary)])
+
+
+# ---------------------------------------------------------------------------------------------
+# Figure 3: detections beside the fusion weight maps and the fused feature of each level
+# ---------------------------------------------------------------------------------------------
+# Heat map colours: five stops of matplotlib's "inferno", linear in between, so 0 is black,
+# 0.25 (87, 16, 110), 0.5 (188, 55, 84), 0.75 (249, 142, 9), 1 (252, 255, 164).
+HEAT_STOPS = ((0.0, (0, 0, 0)), (0.25, (87, 16, 110)), (0.5, (188, 55, 84)),
+              (0.75, (249, 142, 9)), (1.0, (252, 255, 164)))
+TILE, GAP, TITLE = 160, 4, 16   # heat-map tile side, gap between panels, title strip height (px)
+MAP_COLUMNS = ("alpha (s32 src)", "beta (s16 src)", "gamma (s8 src)", "fused sum_C")
+PALETTE = ((230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
+           (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 190))
+
+
+def heat_colors(values: np.ndarray) -> np.ndarray:
+    """(h, w) values in [0, 1] (clipped) -> (h, w, 3) uint8 RGB by HEAT_STOPS."""
+    v = np.clip(np.asarray(values, np.float64), 0, 1)
+    xs = [s for s, _ in HEAT_STOPS]
+    rgb = [np.interp(v, xs, [c[k] for _, c in HEAT_STOPS]) for k in range(3)]
+    return np.round(np.stack(rgb, -1)).astype(np.uint8)
+
+
+def draw_detections(image: Image.Image, detections, class_names) -> Image.Image:
+    """A copy of `image` with each (K, 7) detection (image pixels) boxed and labelled."""
+    image = image.convert("RGB")
+    draw, font = ImageDraw.Draw(image), ImageFont.load_default()
+    det = np.asarray(detections, np.float64).reshape(-1, 7)
+    det = det[np.isfinite(det).all(1)]
+    det[:, [0, 2]] = det[:, [0, 2]].clip(-1, image.width)      # Pillow fails on huge coordinates
+    det[:, [1, 3]] = det[:, [1, 3]].clip(-1, image.height)
+    for x1, y1, x2, y2, score, cls, _ in det:
+        color = PALETTE[int(cls) % len(PALETTE)]
+        draw.rectangle((x1, y1, x2, y2), outline=color, width=2)
+        name = class_names[int(cls)] if int(cls) < len(class_names) else str(int(cls))
+        label = f"{name} {score:.2f}"
+        tx, ty = x1, max(y1 - 12, 0)
+        draw.rectangle(draw.textbbox((tx, ty), label, font=font), fill=color)
+        draw.text((tx, ty), label, fill=(0, 0, 0), font=font)
+    return image
+
+
+def figure3_size(image_wh: tuple[int, int], tile: int = TILE) -> tuple[int, int]:
+    """(width, height) of draw_figure3's canvas for an image of (w, h) with fusion maps."""
+    panel_h = 3 * tile + 2 * GAP
+    det_w = round(image_wh[0] * panel_h / image_wh[1])
+    return det_w + 4 * (GAP + tile), TITLE + panel_h
+
+
+def tile_origin(image_wh: tuple[int, int], row: int, col: int, tile: int = TILE):
+    """Top-left (x, y) of the heat-map tile of level row (0 = s32, 1 = s16, 2 = s8), column col
+    (0 alpha, 1 beta, 2 gamma, 3 fused)."""
+    det_w = figure3_size(image_wh, tile)[0] - 4 * (GAP + tile)
+    return det_w + GAP + col * (tile + GAP), TITLE + row * (tile + GAP)
+
+
+def draw_figure3(image, detections, maps, class_names, tile: int = TILE) -> Image.Image:
+    """Figure 3 as one picture.
+
+    Layout (see figure3_size / tile_origin): a title strip of TITLE px on top; below it, on the
+    left, the image with its detections scaled to the height of the three tile rows; to the
+    right a grid of tile x tile heat maps, one row per output level (s32, s16, s8, top to
+    bottom), columns alpha, beta, gamma (Eq. 2 weights of the s32, s16 and s8 sources, drawn on
+    the fixed scale [0, 1]) and the channel-summed fused feature y^l (min-max scaled per level).
+    Each map is enlarged with nearest-neighbour sampling, so each cell is a flat colour.
+
+    image: PIL image or uint8 (H, W, 3) RGB; detections: (K, 7) in its pixels (postprocess +
+    to_original); maps: {stride: {"weights": (3, h, w), "fused": (h, w)}} for this image (a
+    leading batch dim of 1 is dropped), or None for a model without ASFF: then the picture is
+    the image with its detections alone.
+    """
+    image = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))
+    if not maps:
+        return draw_detections(image, detections, class_names)
+    width, height = figure3_size(image.size, tile)
+    canvas = Image.new("RGB", (width, height), (255, 255, 255))
+    draw, font = ImageDraw.Draw(canvas), ImageFont.load_default()
+    det_w, det_h = width - 4 * (GAP + tile), height - TITLE
+    det = torch.as_tensor(np.asarray(detections, np.float64)).reshape(-1, 7).clone()  # (K, 7)
+    det[:, [0, 2]] *= det_w / image.width                 # boxes drawn after the resize: crisp
+    det[:, [1, 3]] *= det_h / image.height
+    shown = draw_detections(image.resize((det_w, det_h), Image.BILINEAR), det, class_names)
+    canvas.paste(shown, (0, TITLE))
+    draw.text((2, 2), "detections", fill=(0, 0, 0), font=font)
+    for col, title in enumerate(MAP_COLUMNS):
+        draw.text((tile_origin(image.size, 0, col, tile)[0] + 2, 2), title, fill=(0, 0, 0),
+                  font=font)
+    for row, stride in enumerate((32, 16, 8)):
+        weights = torch.as_tensor(maps[stride]["weights"]).float().cpu()
+        fused = torch.as_tensor(maps[stride]["fused"]).float().cpu()
+        weights, fused = weights.reshape(-1, *weights.shape[-2:]), fused.reshape(fused.shape[-2:])
+        fused = (fused - fused.min()) / (fused.max() - fused.min()).clamp(min=1e-12)  # (h, w)
+        for col, values in enumerate([*weights[:3], fused]):
+            heat = Image.fromarray(heat_colors(values.numpy())).resize((tile, tile), Image.NEAREST)
+            canvas.paste(heat, tile_origin(image.size, row, col, tile))
+        x, y = tile_origin(image.size, row, 0, tile)
+        draw.text((x + 2, y + 2), f"s{stride}", fill=(255, 255, 255), font=font, stroke_width=1,
+                  stroke_fill=(0, 0, 0))
+    return canvas
+
+
+def show(model, image, out: str, size: int, class_names, conf_thre: float = 0.3,
+         nms_thre: float = NMS_THRE, name: str = "image") -> Path:
+    """Detect on one image (a file path, or uint8 (H, W, 3) RGB) and write
+    out/figure3_<name>.png (name: the file's stem for a path); returns the PNG's path."""
+    if isinstance(image, (str, Path)):
+        image, name = np.asarray(Image.open(image).convert("RGB")), Path(image).stem
+    device = next(model.parameters()).device
+    x = preprocess(image, size)[None].to(device)                            # (1, 3, S, S)
+    model.eval()
+    with torch.no_grad():
+        det = postprocess(model(x), conf_thre, nms_thre)[0].cpu()           # (K, 7)
+    det = to_original(det, (size, size), image.shape[:2])                   # (K, 7)
+    maps = None
+    if model.fusion_mode == "asff":
+        maps = {s: {k: t[0] for k, t in m.items()} for s, m in model.fusion_maps(x).items()}
+    path = Path(out) / f"figure3_{name}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    draw_figure3(image, det, maps, class_names).save(path)
+    print(f"wrote {path}: {len(det)} detections over {conf_thre}")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    examples = __doc__[__doc__.index("Command line"):__doc__.index("Departures")]
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=examples,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--weights", help="our checkpoint, an authors' .pth or darknet's yolov3.weights "
+                        "(none: random weights with the --fusion/... flags below)")
+    a("--no-ema", action="store_true", help="our checkpoint's raw weights, not its EMA ones")
+    a("--data", help="COCO root with val2017/ (test2017/ with --test-dev) and annotations/; "
+                     "default: the built-in synthetic set")
+    a("--images", help="image folder of a custom COCO-format set (with --ann)")
+    a("--ann", help="annotation JSON of that set")
+    a("--test-dev", action="store_true", help="write the results file for the COCO server")
+    a("--size", type=int, default=608, help="test size, a multiple of 32 (paper: 320-800)")
+    a("--conf", type=float, default=CONF_THRE, help="confidence threshold on obj * cls")
+    a("--nms", type=float, default=NMS_THRE, help="NMS IoU (paper 0.6; the release 0.65)")
+    a("--max-det", type=int, default=MAX_DET, help="detections kept per image")
+    a("--multi-label", action="store_true", help="every class over --conf, not only the argmax")
+    a("--letterbox", action="store_true", help="letterbox instead of the released plain resize")
+    a("--batch", type=int, default=8, help="images per forward")
+    a("--limit", type=int, help="evaluate only the first N images")
+    a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a("--half", action="store_true", help="fp16 autocast (GPU)")
+    a("--out", help="folder for metrics.json, the results JSON and pictures")
+    a("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    a("--fusion", default="asff", choices=["none", "sum", "concat", "asff"],
+      help="model without --weights (and the speed runs' width/depth below)")
+    a("--rfb", action="store_true")
+    a("--num-classes", type=int, default=80)
+    a("--width", type=float, default=1.0)
+    a("--depth", type=float, default=1.0)
+    a("--speed", action="store_true", help="Tables 3-4: time baseline/sum/concat/asff/asff*")
+    a("--speed-sizes", type=int, nargs="+", default=[416, 608])
+    a("--variants", nargs="+", default=list(SPEED_VARIANTS), choices=list(SPEED_VARIANTS))
+    a("--runs", type=int, default=5, help="timed rounds per (variant, size)")
+    a("--warmup", type=int, default=1, help="untimed rounds first")
+    a("--speed-batch", type=int, default=1)
+    a("--no-fold", action="store_true", help="skip the conv+BN folded timings")
+    a("--show", nargs="?", const="", metavar="IMAGE",
+      help="draw Figure 3 for IMAGE (default: the first image of the evaluation set)")
+    a("--draw-conf", type=float, default=0.3, help="score threshold of the drawn boxes")
+    return p
+
+
+def _setup_device(name: str) -> torch.device:
+    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK: join the group (nccl on GPU, gloo on CPU)."""
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
+        cuda = name.startswith("cuda")
+        dist.init_process_group("nccl" if cuda else "gloo")
+        if cuda:
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+            return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    return torch.device(name)
+
+
+def open_dataset(args):
+    """COCO val2017 / test-dev2017 under --data, a custom set (--images, --ann), or the
+    built-in synthetic validation set."""
+    from data import CocoDetection, make_synthetic
+    unlabelled = dict(require_annotations=not args.test_dev)   # test-dev has no annotations
+    if args.images or args.ann:
+        return CocoDetection(args.images, args.ann, **unlabelled)
+    if args.data:
+        split, ann = (("test2017", "image_info_test-dev2017.json") if args.test_dev
+                      else ("val2017", "instances_val2017.json"))
+        return CocoDetection(os.path.join(args.data, split),
+                             os.path.join(args.data, "annotations", ann), **unlabelled)
+    paths = make_synthetic()          # the defaults train.py's demo uses, cached
+    return CocoDetection(paths["val_images"], paths["val_json"])
+
+
+def _show_cli(args, model) -> None:
+    """--show [IMAGE]: Figure 3 for IMAGE, or for the first image of the evaluation set (the
+    synthetic one by default); class names from that set, COCO's for 80 classes, or numbers."""
+    dataset = open_dataset(args) if not args.show or args.data or args.ann else None
+    image, name = args.show, None
+    if not args.show:
+        image, image_id = dataset.load_image(0)
+        name = Path(dataset.coco.imgs[image_id]["file_name"]).stem
+    if dataset is not None and len(dataset.class_names) == model.num_classes:
+        names = dataset.class_names
+    elif model.num_classes == len(COCO_NAMES):
+        names = COCO_NAMES
+    else:
+        names = [f"class {k}" for k in range(model.num_classes)]
+    show(model, image, args.out or ".", args.size, names, args.draw_conf, args.nms, name)
+
+
+def run_speed(args) -> None:
+    dtype = torch.float16 if args.half else None
+    header = (f"device {args.device} ({torch.get_num_threads()} threads)" if args.device == "cpu"
+              else f"device {torch.cuda.get_device_name()}")
+    header += (f", {'fp16 autocast' if args.half else 'fp32'}, batch {args.speed_batch}, "
+               f"inputs {args.speed_sizes}, width {args.width}, depth {args.depth}, median of "
+               f"{args.runs} interleaved rounds after {args.warmup} warm-up; ms per image")
+    print(header, flush=True)
+    bench = benchmark(args.speed_sizes, args.variants, args.device, dtype, args.speed_batch,
+                      args.runs, args.warmup, args.width, args.depth, not args.no_fold)
+    print(speed_report(bench, args.speed_sizes, args.variants, header))
+
+
+def _demo() -> None:
+    """No arguments: a toy run of postprocess on four boxes (two overlap in class 0)."""
+    decoded = torch.tensor([[[50., 50, 40, 40, 0.9, 0.9, 0.1],     # class 0, score 0.81
+                             [54., 50, 40, 40, 0.8, 0.9, 0.1],     # class 0, IoU 0.82: dropped
+                             [54., 50, 40, 40, 0.8, 0.1, 0.9],     # class 1: kept (other class)
+                             [200., 90, 30, 60, 0.004, 0.9, 0.1]]])  # score < 0.005: dropped
+    print("\ntoy example: decoded rows [cx, cy, w, h, obj, cls0, cls1] ->")
+    print("postprocess (conf 0.005, NMS 0.6): [x1, y1, x2, y2, score, class, obj]")
+    print(postprocess(decoded)[0])
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    if not argv:
+        parser.print_help()
+        _demo()
+        return
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.speed:
+        return run_speed(args)
+    device = _setup_device(args.device)
+    config = dict(num_classes=args.num_classes, rfb=args.rfb, width=args.width,
+                  depth=args.depth, fusion=None if args.fusion == "none" else args.fusion)
+    model = load_model(args.weights, False if args.no_ema else None, **config).to(device).eval()
+    if args.show is not None:
+        return _show_cli(args, model)
+    dataset = open_dataset(args)
+    evaluate(model, dataset, args.size, args.conf, args.nms, args.max_det, args.multi_label,
+             args.letterbox, args.batch, args.limit, args.test_dev, args.out,
+             torch.float16 if args.half else None)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
