@@ -8,7 +8,7 @@ Public entry points:
         .coco (pycocotools), .cat_ids (sorted JSON ids; class k <-> cat_ids[k]), .cat_to_class,
         .class_names, .ids (image ids), load_image(i) -> (uint8 (H, W, 3) RGB, image_id),
         load_targets(i) -> float32 (N, 5) [class, x1, y1, x2, y2] in image pixels
-    make_synthetic(root=None, n_train=512, n_val=64, image_size=192, seed=0) -> dict of paths
+    make_synthetic(root=None, n_train=1024, n_val=64, image_size=192, seed=0) -> dict of paths
         (train_images, train_json, val_images, val_json), generated once into a cache folder
     TrainDataset(data, size=608, seed=0, mixup=True, augment=True, min_size=6.0)
         [i] -> (uint8 (3, size, size), float32 (N, 6) [class, cx, cy, w, h, mix] in input pixels);
@@ -364,7 +364,7 @@ def _write_split(folder: Path, split: str, n: int, width: int, height: int, seed
     (folder / f"{split}.json").write_text(json.dumps(data, sort_keys=True, separators=(",", ":")))
 
 
-def make_synthetic(root: str | None = None, n_train: int = 512, n_val: int = 64,
+def make_synthetic(root: str | None = None, n_train: int = 1024, n_val: int = 64,
                    image_size: int = 192, seed: int = 0) -> dict:
     """Generate the synthetic set once into root/synthetic-<hash of the arguments> (root default:
     $ASFF_CACHE or ~/.cache/asff) and return its paths. Same arguments -> identical files."""
@@ -723,6 +723,7 @@ def demo(out: str, root: str | None, seed: int) -> None:
     train = TrainDataset(CocoDetection(paths["train_images"], paths["train_json"]), size=320,
                          seed=seed)
     path = Path(out) / "asff_data_demo.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
     _draw_samples(train, range(8), train.data.class_names).save(path)
     print(f"wrote {path}: 8 training samples (augmented, mixed; box label: class and mix ratio)")
 
@@ -800,7 +801,7 @@ def benchmark(n_images: int = 32, batches: int = 25, batch_size: int = 8, size: 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default="/tmp", help="folder for asff_data_demo.png")
+    parser.add_argument("--out", default="runs", help="folder for asff_data_demo.png")
     parser.add_argument("--root", default=None, help="cache folder (default $ASFF_CACHE or "
                         "~/.cache/asff)")
     parser.add_argument("--seed", type=int, default=0)

@@ -47,6 +47,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
 CONF_THRE = 0.005   # low, as COCO AP needs (the release: 0.001 in eval.py, 0.01 in main.py)
@@ -182,15 +183,26 @@ def to_original(det: torch.Tensor, input_hw: tuple[int, int], original_hw: tuple
     return out
 
 
-def preprocess(image: np.ndarray, size: int, letterbox: bool = False) -> torch.Tensor:
+def preprocess(image: np.ndarray, size: int, letterbox: bool = False,
+               darknet: bool = False) -> torch.Tensor:
     """uint8 (H, W, 3) RGB -> (3, size, size) input: data.normalize's plain resize (the release's),
-    or the same resize to the letterbox area, pasted on zeros (= the ImageNet mean colour)."""
+    or the same resize to the letterbox area, pasted on zeros (= the ImageNet mean colour).
+
+    darknet: the input darknet's own models (yolov3.weights) were trained on - pixels / 255,
+    no mean or std, letterbox bars of 0.5 (darknet's letterbox_image).
+    """
     from data import normalize
+    hw = letterbox_geometry(image.shape[:2], (size, size))[1::-1] if letterbox else (size, size)
+    if darknet:
+        x = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255   # (1, 3, H, W)
+        resized = F.interpolate(x, size=hw, mode="bilinear", align_corners=False)[0]
+    else:
+        resized = normalize(image, hw)                                   # (3, h, w)
     if not letterbox:
-        return normalize(image, size)                                    # (3, size, size)
+        return resized                                                   # (3, size, size)
     new_w, new_h, pad_x, pad_y = letterbox_geometry(image.shape[:2], (size, size))
-    x = torch.zeros(3, size, size)                                       # (3, size, size)
-    x[:, pad_y:pad_y + new_h, pad_x:pad_x + new_w] = normalize(image, (new_h, new_w))
+    x = torch.full((3, size, size), 0.5 if darknet else 0.0)             # (3, size, size)
+    x[:, pad_y:pad_y + new_h, pad_x:pad_x + new_w] = resized
     return x
 
 
@@ -270,7 +282,7 @@ def _image_name(dataset, index: int) -> str:
     return info["file_name"] if info else f"image id {image_id}"
 
 
-def _load_batch(dataset, indices, size, letterbox, failures):
+def _load_batch(dataset, indices, size, letterbox, darknet, failures):
     """Load and preprocess images; a failing image is named, counted and left out."""
     inputs, metas = [], []
     for index in indices:
@@ -280,19 +292,19 @@ def _load_batch(dataset, indices, size, letterbox, failures):
             failures.append(_image_name(dataset, index))
             print(f"skipped {failures[-1]}: {type(e).__name__}: {e}", flush=True)
             continue
-        inputs.append(preprocess(image, size, letterbox))                # (3, S, S)
+        inputs.append(preprocess(image, size, letterbox, darknet))       # (3, S, S)
         metas.append((index, image_id, image.shape[:2]))
     return inputs, metas
 
 
-def _infer_shard(model, dataset, indices, size, post, letterbox, batch_size, amp_dtype,
+def _infer_shard(model, dataset, indices, size, post, letterbox, darknet, batch_size, amp_dtype,
                  progress) -> tuple[dict[int, list[dict]], list[str]]:
     """Detections of the images at `indices`: {dataset index: COCO result dicts}, failures."""
     device = next(model.parameters()).device
     per_image, failures = {}, []
     for start in range(0, len(indices), batch_size):
         batch = indices[start:start + batch_size]
-        inputs, metas = _load_batch(dataset, batch, size, letterbox, failures)
+        inputs, metas = _load_batch(dataset, batch, size, letterbox, darknet, failures)
         if inputs:
             x = torch.stack(inputs).to(device)                           # (B, 3, S, S)
             with torch.no_grad(), torch.autocast(device.type, amp_dtype,
@@ -325,7 +337,7 @@ def evaluate(model, dataset, size: int = 608, conf_thre: float = CONF_THRE,
              nms_thre: float = NMS_THRE, max_det: int = MAX_DET, multi_label: bool = False,
              letterbox: bool = False, batch_size: int = 8, limit: int | None = None,
              test_dev: bool = False, out: str | None = None, amp_dtype: torch.dtype | None = None,
-             verbose: bool = True) -> dict[str, float]:
+             verbose: bool = True, darknet_input: bool = False) -> dict[str, float]:
     """COCO evaluation of `model` (the bare Detector, not its DDP wrapper) on `dataset`
     (data.CocoDetection or anything with .coco, .cat_ids, .ids and
     load_image(index) -> (uint8 HxWx3 RGB, image_id)).
@@ -333,6 +345,7 @@ def evaluate(model, dataset, size: int = 608, conf_thre: float = CONF_THRE,
     Under torch.distributed each rank runs images rank, rank + world, ...; detections are
     gathered with all_gather_object, rank 0 scores, and every rank returns rank 0's dict:
     the 12 COCO stats (not with test_dev) plus images, failed_images, detections, seconds.
+    darknet_input: preprocess as darknet does (pixels / 255, for darknet's yolov3.weights).
     `out` (rank 0): metrics.json and the results JSON; test_dev writes only the results file.
     """
     rank, world = _rank_world()
@@ -341,7 +354,8 @@ def evaluate(model, dataset, size: int = 608, conf_thre: float = CONF_THRE,
     was_training = model.training
     model.eval()
     part = _infer_shard(model, dataset, list(range(rank, n, world)), size, post, letterbox,
-                        batch_size, amp_dtype, _progress(n, world, verbose and rank == 0))
+                        darknet_input, batch_size, amp_dtype,
+                        _progress(n, world, verbose and rank == 0))
     model.train(was_training)
     parts = [part]
     if world > 1:
@@ -390,7 +404,8 @@ def _report(dataset, results, image_ids, failures, test_dev, out, verbose,
 # ---------------------------------------------------------------------------------------------
 # Weights: our checkpoints, the authors' released ones, darknet's yolov3.weights
 # ---------------------------------------------------------------------------------------------
-CONFIG_KEYS = ("num_classes", "fusion", "guided", "spp", "rfb", "dropblock", "width", "depth")
+CONFIG_KEYS = ("num_classes", "fusion", "guided", "spp", "rfb", "dropblock", "width", "depth",
+               "anchors")
 
 
 def released_config(state: dict) -> dict:
@@ -425,6 +440,8 @@ def checkpoint_config(ckpt: dict) -> dict:
     config = {k: ckpt["config"][k] for k in CONFIG_KEYS if k in ckpt["config"]}
     if config.get("fusion") == "none":
         config["fusion"] = None
+    if config.get("anchors") == "auto":
+        config["anchors"] = None
     if "num_classes" not in config:
         slots = 4 if config.get("guided", True) else 3           # 5 + C outputs per slot
         config["num_classes"] = ckpt["model"]["heads.s32.pred.weight"].shape[0] // slots - 5
@@ -709,17 +726,19 @@ def draw_figure3(image, detections, maps, class_names, tile: int = TILE) -> Imag
 
 
 def show(model, image, out: str, size: int, class_names, conf_thre: float = 0.3,
-         nms_thre: float = NMS_THRE, name: str = "image") -> Path:
+         nms_thre: float = NMS_THRE, name: str = "image", letterbox: bool = False,
+         darknet_input: bool = False) -> Path:
     """Detect on one image (a file path, or uint8 (H, W, 3) RGB) and write
     out/figure3_<name>.png (name: the file's stem for a path); returns the PNG's path."""
     if isinstance(image, (str, Path)):
-        image, name = np.asarray(Image.open(image).convert("RGB")), Path(image).stem
+        from data import open_rgb  # EXIF-upright RGB, errors naming the file
+        image, name = np.asarray(open_rgb(str(image))), Path(image).stem
     device = next(model.parameters()).device
-    x = preprocess(image, size)[None].to(device)                            # (1, 3, S, S)
+    x = preprocess(image, size, letterbox, darknet_input)[None].to(device)  # (1, 3, S, S)
     model.eval()
     with torch.no_grad():
         det = postprocess(model(x), conf_thre, nms_thre)[0].cpu()           # (K, 7)
-    det = to_original(det, (size, size), image.shape[:2])                   # (K, 7)
+    det = to_original(det, (size, size), image.shape[:2], letterbox)        # (K, 7)
     maps = None
     if model.fusion_mode == "asff":
         maps = {s: {k: t[0] for k, t in m.items()} for s, m in model.fusion_maps(x).items()}
@@ -752,6 +771,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--max-det", type=int, default=MAX_DET, help="detections kept per image")
     a("--multi-label", action="store_true", help="every class over --conf, not only the argmax")
     a("--letterbox", action="store_true", help="letterbox instead of the released plain resize")
+    a("--darknet-input", action="store_true",
+      help="darknet's preprocessing (pixels / 255, letterbox); implied by a .weights file")
     a("--batch", type=int, default=8, help="images per forward")
     a("--limit", type=int, help="evaluate only the first N images")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -818,7 +839,8 @@ def _show_cli(args, model) -> None:
         names = COCO_NAMES
     else:
         names = [f"class {k}" for k in range(model.num_classes)]
-    show(model, image, args.out or ".", args.size, names, args.draw_conf, args.nms, name)
+    show(model, image, args.out or ".", args.size, names, args.draw_conf, args.nms, name,
+         args.letterbox, args.darknet_input)
 
 
 def run_speed(args) -> None:
@@ -858,6 +880,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.speed:
         return run_speed(args)
     device = _setup_device(args.device)
+    if str(args.weights).endswith(".weights"):   # darknet's own model: darknet's own input
+        args.darknet_input = args.letterbox = True
     config = dict(num_classes=args.num_classes, rfb=args.rfb, width=args.width,
                   depth=args.depth, fusion=None if args.fusion == "none" else args.fusion)
     model = load_model(args.weights, False if args.no_ema else None, **config).to(device).eval()
@@ -866,7 +890,7 @@ def main(argv: list[str] | None = None) -> None:
     dataset = open_dataset(args)
     evaluate(model, dataset, args.size, args.conf, args.nms, args.max_det, args.multi_label,
              args.letterbox, args.batch, args.limit, args.test_dev, args.out,
-             torch.float16 if args.half else None)
+             torch.float16 if args.half else None, darknet_input=args.darknet_input)
     if dist.is_initialized():
         dist.destroy_process_group()
 

@@ -47,6 +47,7 @@ from darknet import DarkNet53, Pyramid, scale_channels
 RELEASED_ANCHORS = ((10, 13), (16, 30), (33, 23), (30, 61), (62, 45), (42, 119),
                     (116, 90), (156, 198), (121, 240))
 DARKNET_ANCHORS = RELEASED_ANCHORS[:8] + ((373, 326),)
+ANCHOR_SETS = {"released": RELEASED_ANCHORS, "yolov3": DARKNET_ANCHORS}
 ANCHOR_MASKS = {32: (6, 7, 8), 16: (3, 4, 5), 8: (0, 1, 2)}
 STRIDES = (32, 16, 8)
 FREE_SLOT_SCALE = 4          # the anchor-free slot's base size is 4 x stride (128 / 64 / 32 px)
@@ -176,7 +177,11 @@ def decode_level(pred: torch.Tensor, shape: torch.Tensor | None, stride: int,
 # The detector
 # ---------------------------------------------------------------------------------------------
 class Detector(nn.Module):
-    """DarkNet-53 + YOLOv3 pyramid + optional fusion (sum / concat / ASFF) + per-level heads."""
+    """DarkNet-53 + YOLOv3 pyramid + optional fusion (sum / concat / ASFF) + per-level heads.
+
+    anchors: None (the released set with guided anchoring, darknet's without), a name of
+    ANCHOR_SETS ("released": ninth (121, 240); "yolov3": ninth (373, 326)) or 9 (w, h) pairs.
+    """
 
     def __init__(self, num_classes: int = 80, fusion: str | None = None, guided: bool = True,
                  spp: bool = True, rfb: bool = False, dropblock: bool = False,
@@ -185,6 +190,8 @@ class Detector(nn.Module):
         self.num_classes, self.fusion_mode, self.guided = num_classes, fusion, guided
         self.dropblock, self.strides = dropblock, STRIDES
         self.n_slots = 4 if guided else 3
+        if isinstance(anchors, str):                   # "released" or "yolov3" (ANCHOR_SETS)
+            anchors = ANCHOR_SETS[anchors]
         anchors = anchors or (RELEASED_ANCHORS if guided else DARKNET_ANCHORS)
         self.anchors = torch.tensor(anchors, dtype=torch.float32)              # (9, 2) w, h
         self.backbone = DarkNet53(width, depth)
@@ -392,10 +399,9 @@ def load_released(model: Detector, source, name: str | None = None) -> Detector:
     state = torch.load(source, map_location="cpu", weights_only=True) if isinstance(source, str) \
         else source
     state = {k.removeprefix("module."): v for k, v in state.items()}
-    key_map = released_key_map(model)
     backbone_only = all(k.split(".")[1] in map(str, range(11)) for k in state)
-    if backbone_only:
-        key_map = {k: v for k, v in key_map.items() if v.startswith("backbone.")}
+    # a backbone file fills DarkNet-53 under any head (Table 1's rows without guided anchoring)
+    key_map = _backbone_map(model) if backbone_only else released_key_map(model)
     ours = model.state_dict()
     missing = sorted(set(key_map) - set(state))
     extra = sorted(set(state) - set(key_map))
@@ -424,21 +430,21 @@ def count_flops(model: nn.Module, size: int) -> float:
     return counter.get_total_flops()
 
 
-def _demo() -> None:
+def _demo(sizes: tuple[int, ...] = (416, 608)) -> None:
     configs = {"original YOLOv3": dict(fusion=None, guided=False, spp=False),
                "strong baseline": dict(fusion=None), "sum fusion": dict(fusion="sum"),
                "concat fusion": dict(fusion="concat"), "ASFF": dict(fusion="asff"),
                "ASFF*": dict(fusion="asff", rfb=True, dropblock=True)}
-    print(f"{'configuration':<18}{'params':>14}{'GFLOPs@416':>12}{'GFLOPs@608':>12}")
+    print(f"{'configuration':<18}{'params':>14}" + "".join(f"{f'GFLOPs@{s}':>12}" for s in sizes))
     for name, kwargs in configs.items():
         model = Detector(80, **kwargs)
         n = sum(p.numel() for p in model.parameters())
-        print(f"{name:<18}{n:>14,}{count_flops(model, 416) / 1e9:>12.2f}"
-              f"{count_flops(model, 608) / 1e9:>12.2f}")
+        print(f"{name:<18}{n:>14,}" + "".join(f"{count_flops(model, s) / 1e9:>12.2f}" for s in sizes))
     model = Detector(80, fusion="asff").eval()
     with torch.no_grad():
-        out = model(torch.zeros(1, 3, 416, 416))
-    print(f"eval output at 416: {tuple(out.shape)} = (B, 4 slots x (13^2 + 26^2 + 52^2), 5 + 80)")
+        out = model(torch.zeros(1, 3, sizes[0], sizes[0]))
+    print(f"eval output at {sizes[0]}: {tuple(out.shape)} = (B, 4 slots x (rows at strides 32, 16, "
+          "8), 5 + 80)")
 
 
 if __name__ == "__main__":

@@ -237,6 +237,16 @@ def test_letterbox_input_puts_the_image_between_mean_coloured_bars():
     torch.testing.assert_close(x[:, 16:48], inside[:, None, None].expand(3, 32, 64))
 
 
+def test_darknet_input_is_pixels_over_255_with_grey_letterbox_bars():
+    """darknet's own preprocessing (for yolov3.weights): x / 255, no mean/std, bars of 0.5."""
+    image = np.full((50, 100, 3), 200, np.uint8)
+    plain = ev.preprocess(image, 64, darknet=True)                # (3, 64, 64)
+    torch.testing.assert_close(plain, torch.full((3, 64, 64), 200 / 255))
+    boxed = ev.preprocess(image, 64, letterbox=True, darknet=True)
+    assert (boxed[:, :16] == 0.5).all() and (boxed[:, 48:] == 0.5).all()
+    torch.testing.assert_close(boxed[:, 16:48], torch.full((3, 32, 64), 200 / 255))
+
+
 # ---------------------------------------------------------------------------------------------
 # The picture (Figure 3)
 # ---------------------------------------------------------------------------------------------

@@ -219,6 +219,10 @@ def test_load_released_casts_fp16_and_loads_a_backbone_only_file():
     load_released(fresh, backbone)
     assert torch.equal(fresh.backbone.stem.conv.weight, source.backbone.stem.conv.weight)
     assert torch.equal(fresh.heads["s8"].pred.weight, head_before)
+    plain = Detector(80, fusion=None, guided=False, spp=False, width=0.125, depth=0.34)
+    load_released(plain, backbone)                  # Table 1's rows without guided anchoring
+    for key, value in plain.backbone.state_dict().items():
+        assert torch.equal(value, source.backbone.state_dict()[key]), key
 
 
 def test_msra_init_and_dropblock_hook():

@@ -1,0 +1,354 @@
+"""train.py: the schedule against hand-computed values, weight-decay groups by their effect,
+exact resume, non-finite stop, config refusal, the shortened demo end to end, and 2-rank DDP
+(torchrun, gloo) against a single process on the same total batch.
+
+Tiny on purpose (2 shared CPU cores): width 0.125, 64-96 px, a 16-image synthetic set.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+from head import Detector
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--width", "0.125", "--depth", "0.33", "--synthetic-train", "16", "--synthetic-val", "4",
+        "--batch-size", "2", "--size-min", "64", "--size-max", "96", "--eval-size", "64",
+        "--workers", "0", "--log-every", "1", "--warmup", "0", "--lr", "0.1", "--min-lr", "0.01",
+        "--eval-every", "100", "--epochs", "2", "--clip-grad", "10", "--threads", "1"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def synthetic_cache(tmp_path_factory):
+    """One synthetic set for the module (made by the first run, reused by the others)."""
+    old = os.environ.get("ASFF_CACHE")
+    os.environ["ASFF_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    if old is None:
+        del os.environ["ASFF_CACHE"]
+    else:
+        os.environ["ASFF_CACHE"] = old
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# The schedule, by hand
+# ---------------------------------------------------------------------------------------------
+def test_lr_schedule_paper_values():
+    cfg = train.Config(epochs=300, batch_size=16, lr=1e-3, min_lr=1e-5, warmup=4 / 300)
+    per_epoch, world = 100, 4                         # 4 GPUs x 16 = the paper's 64 images
+    total = 300 * per_epoch
+    lr = lambda it: train.lr_at(cfg, it, total, world)  # noqa: E731
+    assert lr(0) == pytest.approx(1e-3 / 400)          # linear warm-up over 4 epochs = 400 its
+    assert lr(399) == pytest.approx(1e-3)              # warm-up end: the paper's 0.001
+    assert lr(400) == pytest.approx(1e-3)              # cosine starts at the top
+    mid = 400 + (total - 1 - 400) / 2
+    assert lr(int(mid)) == pytest.approx((1e-3 + 1e-5) / 2, rel=1e-3)   # half way: the mean
+    assert lr(total - 1) == pytest.approx(1e-5)        # last iteration: 0.00001
+    last_epoch = [lr(it) for it in range(total - per_epoch, total)]
+    assert max(last_epoch) < 1e-5 * 1.01 and min(last_epoch) == pytest.approx(1e-5)
+    # linear scaling: one GPU of 16 images gets a quarter of the rate
+    assert train.lr_at(cfg, 399, total, 1) == pytest.approx(0.25e-3)
+    expected = 1e-5 + 0.5 * (1e-3 - 1e-5) * (1 + math.cos(math.pi * 0.25))
+    assert lr(400 + round((total - 401) * 0.25)) == pytest.approx(expected, rel=1e-3)
+
+
+def test_released_lr_schedule_values():
+    """--schedule released (facts sec. 9): (it/W)^4 over 5 epochs, flat to 20, cosine stepped
+    per epoch to 1e-5 at epoch 270, flat after; --no-scale-lr: the flat 1e-3 of 5 per GPU."""
+    cfg = train.Config(epochs=300, batch_size=5, schedule="released", scale_lr=False)
+    per_epoch = 100
+    total = 300 * per_epoch
+    lr = lambda it: train.lr_at(cfg, it, total, 10)   # noqa: E731 - 10 GPUs: no scaling
+    assert lr(0) == 0.0
+    assert lr(250) == pytest.approx(1e-3 * 0.5 ** 4)   # half way through the 500-it burn-in
+    assert lr(500) == lr(2000) == lr(2099) == pytest.approx(1e-3)    # epochs 5..20 flat
+    epoch_21 = 1e-5 + 0.5 * (1e-3 - 1e-5) * (1 + math.cos(math.pi / 250))
+    assert lr(2100) == lr(2199) == pytest.approx(epoch_21)           # one value per epoch
+    assert lr(14500) == pytest.approx((1e-3 + 1e-5) / 2)             # epoch 145: mid cosine
+    assert lr(27000) == lr(total - 1) == pytest.approx(1e-5)         # epochs 270..300
+    scaled = train.Config(epochs=300, batch_size=16, schedule="released")
+    assert train.lr_at(scaled, 2000, total, 4) == pytest.approx(1e-3)  # 4 x 16 = 64: factor 1
+
+
+def test_fixed_size_in_the_last_epochs_and_random_before():
+    cfg = train.Config(epochs=30, fixed_size_last=10 / 300 * 10, size_min=320, size_max=608)
+    before = {train.size_at(cfg, it, epoch=it // 50) for it in range(0, 1000)}
+    assert before == set(range(320, 609, 32))                        # epochs 0..19: random
+    assert {train.size_at(cfg, it, epoch=e) for e in (20, 29) for it in range(100)} == {608}
+    assert train.size_at(train.Config(epochs=30), 5, 29) in range(320, 609, 32)  # default: random
+
+
+def test_flags_reach_the_model_the_optimizer_and_the_loss(monkeypatch):
+    """--anchors, --decay-all and --iou-form change what they name; bad choices are refused."""
+    cfg = train.parse_config(["--width", "0.125", "--depth", "0.33", "--anchors", "yolov3"])
+    model = train.build_model(cfg, 5)
+    assert model.anchors[8].tolist() == [373.0, 326.0] and model.guided
+    assert train.build_model(train.parse_config([]), 5).anchors[8].tolist() == [121.0, 240.0]
+    groups = train.param_groups(model, 5e-4, decay_all=True)
+    assert len(groups) == 1 and len(groups[0]["params"]) == len(list(model.parameters()))
+    seen = []
+    monkeypatch.setattr(train, "compute_loss",
+                        lambda *a, **k: seen.append(k["iou_form"]) or {t: torch.tensor(float("nan"))
+                                                                       for t in train.TERMS})
+    batch = iter(train.random_batches(1, 1, 64, 5))
+    with pytest.raises(train.NonFiniteLoss):
+        train.train_step(model, model, batch, 64, train.parse_config(["--iou-form=-ln(iou)"]),
+                         None, None, None, torch.device("cpu"), 1)
+    assert seen == ["-ln(iou)"]
+    for bad in (["--schedule", "fast"], ["--anchors", "big"], ["--iou-form", "giou"]):
+        with pytest.raises(SystemExit):
+            train.parse_config(bad)
+
+
+def test_benchmark_prints_a_table_and_a_json_line(capsys):
+    """--benchmark N: N timed steps after one untimed; the JSON line states what was timed."""
+    assert train.main(["--benchmark", "2", "--width", "0.125", "--depth", "0.33", "--size-max",
+                       "64", "--batch-size", "2", "--threads", "1"]) is None
+    lines = capsys.readouterr().out.strip().splitlines()
+    result = json.loads(lines[-1])
+    assert result["batch"] == 2 and result["size"] == 64 and result["steps_timed"] == 2
+    assert result["fusion"] == "asff" and result["width"] == 0.125       # not the demo's model
+    assert result["images_per_s"] == pytest.approx(2 / result["s_per_step"], rel=0.01)
+    assert sum(line.split()[0].isdigit() for line in lines[:-1]) == 3       # steps 0, 1, 2
+
+
+def test_mixup_off_exactly_in_the_last_epochs():
+    cfg = train.Config(epochs=300)                     # Sec. 3.4: off for the last 30 of 300
+    assert [e for e in range(300) if not train.mixup_on(cfg, e)] == list(range(270, 300))
+    cfg = train.Config(epochs=10, mixup_off=0.3)       # a short run keeps the proportion
+    assert [train.mixup_on(cfg, e) for e in range(10)] == [True] * 7 + [False] * 3
+    assert not any(train.mixup_on(train.Config(mixup=False), e) for e in range(300))
+
+
+def test_dropblock_schedule_as_released():
+    cfg = train.Config(epochs=300)
+    assert train.dropblock_at(cfg, 4) == ({32: 1, 16: 1, 8: 1}, 1.0)      # off until epoch 5
+    assert train.dropblock_at(cfg, 5) == ({32: 1, 16: 3, 8: 5}, 0.9)
+    assert train.dropblock_at(cfg, 80) == ({32: 3, 16: 5, 8: 7}, 0.9)
+    assert train.dropblock_at(cfg, 299) == ({32: 7, 16: 7, 8: 7}, 0.9)
+
+
+def test_no_weight_decay_on_batchnorm_and_biases():
+    """One SGD step with zero gradients: only decayed tensors move, each by lr * wd * w."""
+    model = Detector(5, fusion="asff", width=0.125, depth=0.33)
+    with torch.no_grad():                              # non-zero BN weights/biases to be seen
+        for p in model.parameters():
+            p.add_(0.5)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = torch.optim.SGD(train.param_groups(model, 5e-4), lr=1.0, momentum=0.9)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    bn = {n for n, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)}
+    checked = {"bn": 0, "bias": 0, "conv": 0}
+    for name, p in model.named_parameters():
+        owner, leaf = name.rsplit(".", 1)
+        if owner in bn or leaf == "bias":
+            torch.testing.assert_close(p, before[name], rtol=0, atol=0)
+            checked["bn" if owner in bn else "bias"] += 1
+        else:                                          # conv weights, the deformable one too
+            assert p.ndim == 4, name
+            torch.testing.assert_close(p, before[name] * (1 - 5e-4))
+            checked["conv"] += 1
+    assert min(checked.values()) > 10, checked
+
+
+def test_pretrained_backbone_from_either_file(tmp_path):
+    """--backbone: darknet's binary (darknet53.conv.74 layout) or the release's backbone-only
+    .pth fill the backbone exactly and nothing else."""
+    from darknet import write_darknet_weights
+    from head import released_key_map
+    torch.manual_seed(1)
+    source = Detector(5, fusion="asff", width=0.125, depth=0.33)
+    write_darknet_weights(str(tmp_path / "darknet53.conv.74"), source.backbone.darknet_layers())
+    ours = source.state_dict()
+    released = {k: ours[v] for k, v in released_key_map(source).items() if v.startswith("backbone.")}
+    torch.save(released, tmp_path / "darknet53_feature_mx.pth")
+    for name in ("darknet53.conv.74", "darknet53_feature_mx.pth"):
+        cfg = train.Config(width=0.125, depth=0.33, backbone=str(tmp_path / name))
+        torch.manual_seed(0)
+        model = train.build_model(cfg, 5).state_dict()
+        for key, value in ours.items():
+            if key.startswith("backbone.") and not key.endswith("num_batches_tracked"):
+                assert torch.equal(model[key], value), (name, key)
+        assert not torch.equal(model["heads.s8.pred.weight"], ours["heads.s8.pred.weight"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole runs (in process)
+# ---------------------------------------------------------------------------------------------
+def test_demo_shortened_runs_end_to_end(tmp_path, monkeypatch):
+    """`python train.py --max-iters 5` (the demo's model and sizes; a smaller synthetic set),
+    and mixup switched by the schedule as the loop runs."""
+    seen = []
+    original = train.data.TrainDataset.__getitem__
+
+    def spy(self, index):
+        seen.append((self.epoch, self.mixup))
+        return original(self, index)
+
+    monkeypatch.setattr(train.data.TrainDataset, "__getitem__", spy)
+    out = tmp_path / "demo"
+    model = train.main(["--out", str(out), "--max-iters", "5", "--synthetic-train", "8",
+                        "--synthetic-val", "4", "--epochs", "4", "--batch-size", "4",
+                        "--mixup", "--mixup-off", "0.5", "--threads", "1"])
+    assert {e: m for e, m in seen} == {0: True, 1: True, 2: False}   # 2 steps per epoch
+    for name in ("last.pt", "best.pt", "metrics.json", "log.jsonl", "figure3_demo.png"):
+        assert (out / name).is_file(), name
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in ("AP", "AP50", "AP75", "APs", "APm", "APl"):
+        assert isinstance(metrics[key], float) and 0.0 <= metrics[key] <= 1.0
+    assert metrics["iterations"] == 5 and metrics["wall_time_s"] > 0
+    ckpt = load(out / "last.pt")
+    assert ckpt["iteration"] == 5 and ckpt["epoch"] == 2 and ckpt["batch_in_epoch"] == 1
+    assert ckpt["config"]["width"] == train.DEMO["width"]          # the demo's model
+    assert set(ckpt) >= {"model", "optimizer", "scaler", "ema", "rng", "config"}
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, ckpt["model"][key]), key
+
+
+def test_resume_is_bit_identical(tmp_path):
+    """6 iterations straight == 3, stop, resume, 3 more; across an epoch end, with DropBlock
+    (torch RNG), mixup and augmentation on."""
+    args = TINY + ["--synthetic-train", "8", "--dropblock", "--mixup", "--augment", "--max-iters"]
+    train.main(args + ["6", "--out", str(tmp_path / "straight")])
+    train.main(args + ["3", "--out", str(tmp_path / "split")])
+    first = load(tmp_path / "split" / "last.pt")
+    assert first["iteration"] == 3 and first["batch_in_epoch"] == 3
+    train.main(args + ["6", "--out", str(tmp_path / "split"),
+                       "--resume", str(tmp_path / "split" / "last.pt")])
+    a, b = load(tmp_path / "straight" / "last.pt"), load(tmp_path / "split" / "last.pt")
+    assert a["iteration"] == b["iteration"] == 6 and a["epoch"] == 1
+    changed = 0
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+        changed += not torch.equal(a["model"][key], first["model"][key])
+    assert changed > 50                               # the last 3 steps did change the weights
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
+
+
+def test_resume_refuses_another_config(tmp_path):
+    train.main(TINY + ["--max-iters", "1", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit) as e:
+        train.main(TINY + ["--max-iters", "2", "--out", str(tmp_path), "--width", "0.25",
+                           "--fusion", "sum", "--resume", str(tmp_path / "last.pt")])
+    message = str(e.value)
+    assert "fusion" in message and "width" in message and "'asff'" in message
+    assert "max_iters" not in message and "depth" not in message
+
+
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch, capsys):
+    """NaN in the loss at iteration 6 (epoch 2 of 4-step epochs): the run stops naming it,
+    and last.pt still holds epoch 1's weights, loadable and finite."""
+    calls = {"n": 0}
+    real = train.compute_loss
+
+    def poisoned(*args, **kwargs):
+        losses = real(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 7:                            # iteration 6 (the 7th step)
+            losses["obj"] = losses["obj"] * float("nan")
+            losses["total"] = losses["total"] + losses["obj"]
+        return losses
+
+    monkeypatch.setattr(train, "compute_loss", poisoned)
+    with pytest.raises(SystemExit):
+        train.main(TINY + ["--synthetic-train", "8", "--out", str(tmp_path)])
+    printed = capsys.readouterr().out
+    assert "non-finite loss at iteration 6" in printed and "obj=nan" in printed
+    ckpt = load(tmp_path / "last.pt")
+    assert ckpt["iteration"] == 4 and ckpt["epoch"] == 1
+    model = Detector(5, fusion="asff", width=0.125, depth=0.33)
+    model.load_state_dict(ckpt["model"])
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+# ---------------------------------------------------------------------------------------------
+# torchrun, 2 ranks on CPU (gloo)
+# ---------------------------------------------------------------------------------------------
+def with_calibrated_bn(build_model):
+    """train.build_model, then BatchNorm running statistics measured on 3 random batches (its
+    own generator: the global RNG stays as train.py left it). Frozen at their initial 0 / 1 the
+    statistics normalise nothing, and the untrained network's outputs overflow exp()."""
+    def build(cfg, num_classes):
+        model = build_model(cfg, num_classes)
+        bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+        for bn in bns:
+            bn.reset_running_stats()
+            bn.momentum = None                         # a plain average over the batches
+        generator = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for _ in range(3):
+                model.train()(torch.randn(4, 3, 96, 96, generator=generator))
+        for bn in bns:
+            bn.momentum = 0.1
+        return model
+    return build
+
+
+RANK_SCRIPT = """
+import os, sys, torch
+sys.path[:0] = [{repo!r}, {tests!r}]
+import train
+from test_train import with_calibrated_bn
+train.build_model = with_calibrated_bn(train.build_model)
+model = train.main(sys.argv[1:])
+torch.save(model.state_dict(), os.path.join({out!r}, "rank%s.pt" % os.environ["RANK"]))
+"""
+
+
+def torchrun(tmp_path, args: list[str]) -> dict[str, dict]:
+    """train.py's main under `torchrun --nproc_per_node=2` (gloo); each rank's final weights."""
+    script = tmp_path / "rank.py"
+    script.write_text(RANK_SCRIPT.format(repo=str(REPO), tests=str(REPO / "tests"), out=str(tmp_path)))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(script), *args, "--out", str(tmp_path / "ddp")]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=170,
+                          env=os.environ | {"OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "2 process(es)" in done.stdout
+    return {r: load(tmp_path / f"rank{r}.pt") for r in (0, 1)}
+
+
+def test_two_ranks_hold_identical_weights(tmp_path):
+    """3 DDP steps with BatchNorm training: the parameters agree bit for bit on both ranks
+    (running statistics are per rank on CPU, which has no SyncBN)."""
+    ranks = torchrun(tmp_path, TINY + ["--max-iters", "3"])
+    names = {n for n, _ in Detector(5, fusion="asff", width=0.125, depth=0.33).named_parameters()}
+    for key in names:
+        assert torch.equal(ranks[0][key], ranks[1][key]), key
+
+
+def test_two_ranks_equal_one_process_on_the_same_total_batch(tmp_path, monkeypatch):
+    """One SGD step, 2 ranks x 2 images vs 1 process x 4 images, BatchNorm frozen (eval mode,
+    as CPU has no SyncBN) and no clipping (which would hide a wrong gradient scale). One step:
+    after it the ignore masks' IoU > 0.7 decisions can flip on float rounding."""
+    args = TINY + ["--freeze-bn", "--max-iters", "1", "--clip-grad", "0", "--lr", "1e-4",
+                   "--min-lr", "1e-4"]
+    ranks = torchrun(tmp_path, args)
+    for key in ranks[0]:
+        assert torch.equal(ranks[0][key], ranks[1][key]), key
+    monkeypatch.setattr(train, "build_model", with_calibrated_bn(train.build_model))
+    single = train.main(args + ["--batch-size", "4", "--out", str(tmp_path / "single")])
+    torch.manual_seed(0)                               # train.py's init, before the step
+    init = Detector(5, fusion="asff", width=0.125, depth=0.33).state_dict()
+    moved = 0
+    for key, value in single.state_dict().items():   # compare the updates, not the weights
+        if value.is_floating_point():
+            step, ddp_step = value - init[key], ranks[0][key] - init[key]
+            torch.testing.assert_close(ddp_step, step, rtol=1e-3, atol=5e-3 * step.abs().max(),
+                                       msg=key)
+            moved += bool(step.abs().max() > 1e-6)
+    assert moved > 50                                  # the step moved the weights
