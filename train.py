@@ -8,6 +8,9 @@ How to run it:
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 \\
         train.py --data /coco --batch-size 4 --backbone darknet53.conv.74   # 2 nodes x 8 GPUs
     python train.py --resume runs/asff/last.pt     # continue exactly where it stopped
+    python train.py --train-images my/train --train-ann my/train.json --val-images my/val \\
+        --val-ann my/val.json                     # any COCO-format set, its own categories
+    python train.py --benchmark 3 --size-max 416 --batch-size 4    # training throughput
 
 Paper rows (flags on top of the defaults):
     YOLOv3 (Table 1, 33.0 AP)     --fusion none --no-guided --no-spp --no-mixup

@@ -8,6 +8,7 @@ Tiny on purpose (2 shared CPU cores): width 0.125, 64-96 px, a 16-image syntheti
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -221,7 +222,8 @@ def test_demo_shortened_runs_end_to_end(tmp_path, monkeypatch):
 def test_resume_is_bit_identical(tmp_path):
     """6 iterations straight == 3, stop, resume, 3 more; across an epoch end, with DropBlock
     (torch RNG), mixup and augmentation on."""
-    args = TINY + ["--synthetic-train", "8", "--dropblock", "--mixup", "--augment", "--max-iters"]
+    args = TINY + ["--synthetic-train", "8", "--dropblock", "--mixup", "--augment", "--ema", "0.9",
+                   "--max-iters"]
     train.main(args + ["6", "--out", str(tmp_path / "straight")])
     train.main(args + ["3", "--out", str(tmp_path / "split")])
     first = load(tmp_path / "split" / "last.pt")
@@ -237,6 +239,72 @@ def test_resume_is_bit_identical(tmp_path):
     assert changed > 50                               # the last 3 steps did change the weights
     for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
         assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
+    for key in a["ema"]:                              # the EMA, under its own key, resumes too
+        assert torch.equal(a["ema"][key], b["ema"][key]), key
+    assert not torch.equal(a["ema"]["heads.s8.pred.weight"], a["model"]["heads.s8.pred.weight"])
+
+
+def test_ema_update_by_hand():
+    """e <- d e + (1 - d) w with d = decay (1 - exp(-n / 2000)); integer buffers are copied."""
+    model, ema = torch.nn.BatchNorm2d(2), torch.nn.BatchNorm2d(2)
+    with torch.no_grad():
+        model.weight.fill_(3.0)
+        ema.weight.fill_(1.0)
+    model.num_batches_tracked.fill_(7)
+    train.ema_update(ema, model, 0.99, 1000)
+    d = 0.99 * (1 - math.exp(-0.5))
+    torch.testing.assert_close(ema.weight, torch.full((2,), d * 1 + (1 - d) * 3))
+    assert ema.num_batches_tracked.item() == 7
+
+
+def test_accumulated_micro_batches_equal_one_large_batch(tmp_path, monkeypatch):
+    """--batch-size 2 --accumulate 2 takes the same SGD step as --batch-size 4 (BatchNorm frozen,
+    the same 4 images, the same learning rate: per_step = batch x accumulate)."""
+    monkeypatch.setattr(train, "build_model", with_calibrated_bn(train.build_model))
+    args = TINY + ["--freeze-bn", "--max-iters", "1", "--clip-grad", "0", "--lr", "1e-4",
+                   "--min-lr", "1e-4"]
+    big = train.main(args + ["--batch-size", "4", "--out", str(tmp_path / "big")]).state_dict()
+    small = train.main(args + ["--batch-size", "2", "--accumulate", "2", "--out",
+                               str(tmp_path / "small")]).state_dict()
+    torch.manual_seed(0)
+    init = Detector(5, fusion="asff", width=0.125, depth=0.33).state_dict()
+    moved = 0
+    for key, value in big.items():
+        if value.is_floating_point():
+            step, acc_step = value - init[key], small[key] - init[key]
+            torch.testing.assert_close(acc_step, step, rtol=1e-3, atol=5e-3 * step.abs().max(),
+                                       msg=key)
+            moved += bool(step.abs().max() > 1e-6)
+    assert moved > 50
+
+
+def test_sigterm_saves_last_checkpoint_mid_epoch(tmp_path, monkeypatch, capsys):
+    """SIGTERM during iteration 2 (of 4 per epoch): the step finishes, last.pt is written at
+    iteration 3 with its data position, and the run returns normally."""
+    real, calls = train.train_step, {"n": 0}
+
+    def step_then_signal(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            os.kill(os.getpid(), signal.SIGTERM)      # caught by train.main's handler
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train, "train_step", step_then_signal)
+    before = signal.getsignal(signal.SIGTERM)
+    train.main(TINY + ["--synthetic-train", "8", "--out", str(tmp_path)])
+    ckpt = load(tmp_path / "last.pt")
+    assert ckpt["iteration"] == 3 and ckpt["epoch"] == 0 and ckpt["batch_in_epoch"] == 3
+    assert "stopped by signal at iteration 3" in capsys.readouterr().out
+    assert signal.getsignal(signal.SIGTERM) is before          # the handler is given back
+
+
+def test_out_of_memory_names_the_size_and_batch(tmp_path, monkeypatch):
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(train, "train_step", oom)
+    with pytest.raises(RuntimeError, match=r"input size 64 x 64, batch 2 per process"):
+        train.main(TINY + ["--size-min", "64", "--size-max", "64", "--out", str(tmp_path)])
 
 
 def test_resume_refuses_another_config(tmp_path):
