@@ -480,7 +480,7 @@ def benchmark_steps(cfg: Config, device: torch.device, num_classes: int = 80) ->
     median = timed[len(timed) // 2]
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"cpu, {torch.get_num_threads()} threads"
-    summary = {"images_per_s": round(per_step / median, 2), "s_per_step": round(median, 3),
+    summary = {"images_per_s": round(per_step / median, 3), "s_per_step": round(median, 4),
                "batch": per_step, "size": size, "fusion": cfg.fusion or "none", "rfb": cfg.rfb,
                "width": cfg.width, "depth": cfg.depth, "device": where, "amp": str(amp_dtype),
                "peak_mb": round(peak_memory_mb(device)), "steps_timed": len(timed)}

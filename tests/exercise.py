@@ -42,7 +42,8 @@ EXERCISES = {
                  ["tests/test_loss.py", "-k", "iou"],
                  "the IoU-loss forms: 1 - IoU^2 (released), -ln IoU (UnitBox), 1 - IoU"),
     "assignment": ("loss.py", "assign_targets",
-                   ["tests/test_loss.py", "-k", "assign"],
+                   ["tests/test_loss.py", "-k", "assign or stride_8 or one_cell or image_edge or "
+                    "anchor_free or vectorised"],
                    "best of 9 anchors by shape IoU picks level, cell and slot; anchor-free takeover"),
     "nms": ("evaluate.py", "batched_nms",
             ["tests/test_evaluate.py", "-k", "nms"],

@@ -27,6 +27,8 @@ RES_BRANCH = re.compile(r"^module_list\.(2|4|6|8|10)\.module_list\.\d+\.1\.conv\
 
 needs_golden = pytest.mark.skipif(not (REFERENCE / "golden").is_dir(),
                                   reason=f"golden fixtures not found under {REFERENCE}")
+needs_listings = pytest.mark.skipif(not all((REFERENCE / f).is_file() for f in LISTINGS.values()),
+                                    reason=f"released key listings not found under {REFERENCE}")
 
 
 def read_listing(path: Path) -> list[tuple[str, tuple[int, ...]]]:

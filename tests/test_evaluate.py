@@ -392,6 +392,8 @@ def test_checkpoint_loads_and_a_mismatch_names_the_key(tmp_path):
 
 def test_released_variant_is_read_off_the_keys():
     golden = pytest.importorskip("golden")
+    if not all((golden.REFERENCE / f).is_file() for f in golden.LISTINGS.values()):
+        pytest.skip(f"released key listings not found under {golden.REFERENCE}")
     expected = {"baseline": dict(num_classes=80, fusion=None, rfb=False),
                 "asff": dict(num_classes=80, fusion="asff", rfb=False),
                 "asff-rfb": dict(num_classes=80, fusion="asff", rfb=True)}

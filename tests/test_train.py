@@ -120,7 +120,7 @@ def test_benchmark_prints_a_table_and_a_json_line(capsys):
     result = json.loads(lines[-1])
     assert result["batch"] == 2 and result["size"] == 64 and result["steps_timed"] == 2
     assert result["fusion"] == "asff" and result["width"] == 0.125       # not the demo's model
-    assert result["images_per_s"] == pytest.approx(2 / result["s_per_step"], rel=0.01)
+    assert result["images_per_s"] == pytest.approx(2 / result["s_per_step"], rel=0.02)  # rounding
     assert sum(line.split()[0].isdigit() for line in lines[:-1]) == 3       # steps 0, 1, 2
 
 
