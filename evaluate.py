@@ -192,15 +192,15 @@ def preprocess(image: np.ndarray, size: int, letterbox: bool = False,
     no mean or std, letterbox bars of 0.5 (darknet's letterbox_image).
     """
     from data import normalize
-    hw = letterbox_geometry(image.shape[:2], (size, size))[1::-1] if letterbox else (size, size)
+    new_w, new_h, pad_x, pad_y = (letterbox_geometry(image.shape[:2], (size, size)) if letterbox
+                                  else (size, size, 0, 0))
     if darknet:
         x = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255   # (1, 3, H, W)
-        resized = F.interpolate(x, size=hw, mode="bilinear", align_corners=False)[0]
+        resized = F.interpolate(x, size=(new_h, new_w), mode="bilinear", align_corners=False)[0]
     else:
-        resized = normalize(image, hw)                                   # (3, h, w)
+        resized = normalize(image, (new_h, new_w))                       # (3, new_h, new_w)
     if not letterbox:
         return resized                                                   # (3, size, size)
-    new_w, new_h, pad_x, pad_y = letterbox_geometry(image.shape[:2], (size, size))
     x = torch.full((3, size, size), 0.5 if darknet else 0.0)             # (3, size, size)
     x[:, pad_y:pad_y + new_h, pad_x:pad_x + new_w] = resized
     return x
