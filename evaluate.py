@@ -514,7 +514,7 @@ def realistic_raw(size: int, num_classes: int = 80, n_objects: int = 15, seed: i
     return raw
 
 
-def _timed_ms(fn, device: torch.device) -> tuple[float, float]:
+def timed_ms(fn, device: torch.device) -> tuple[float, float]:
     """(wall ms, process CPU ms) of fn(), CUDA-synchronised on a GPU. On a CPU shared with other
     jobs the CPU time is the steadier figure: it does not count the time other jobs hold the cores
     (with --threads 1 it is exactly this call's compute)."""
@@ -538,8 +538,8 @@ def time_decode_nms(size: int, runs: int = 30, conf_thre: float = CONF_THRE,
                                 for s, (p, sh, a) in raw.items()], dim=1)  # (1, N, 85)
     decoded = decode()
     post = lambda: postprocess(decoded, conf_thre, nms_thre)             # noqa: E731
-    dec = np.median([_timed_ms(decode, dev) for _ in range(runs)], axis=0)   # (wall, cpu)
-    nms = np.median([_timed_ms(post, dev) for _ in range(runs)], axis=0)
+    dec = np.median([timed_ms(decode, dev) for _ in range(runs)], axis=0)   # (wall, cpu)
+    nms = np.median([timed_ms(post, dev) for _ in range(runs)], axis=0)
     cand = int((decoded[0, :, 4:5] * decoded[0, :, 5:]).max(1).values.ge(conf_thre).sum())
     return {"decode_ms": float(dec[0]), "nms_ms": float(nms[0]), "decode_cpu_ms": float(dec[1]),
             "nms_cpu_ms": float(nms[1]), "candidates": cand, "kept": len(post()[0])}
@@ -570,7 +570,7 @@ def benchmark(sizes=(416, 608), variants=tuple(SPEED_VARIANTS), device: str = "c
                 for v in variants:
                     with torch.no_grad(), torch.autocast(dev.type, amp_dtype,
                                                          enabled=amp_dtype is not None):
-                        wall, cpu = _timed_ms(partial(models[v], x), dev)
+                        wall, cpu = timed_ms(partial(models[v], x), dev)
                     if r >= warmup:
                         times.setdefault((folded, s, v), []).append((wall / batch, cpu / batch))
             if verbose:
@@ -772,7 +772,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--multi-label", action="store_true", help="every class over --conf, not only the argmax")
     a("--letterbox", action="store_true", help="letterbox instead of the released plain resize")
     a("--darknet-input", action="store_true",
-      help="darknet's preprocessing (pixels / 255, letterbox); implied by a .weights file")
+      help="darknet's preprocessing: pixels / 255, letterbox (implies --letterbox); implied by a "
+           ".weights file")
     a("--batch", type=int, default=8, help="images per forward")
     a("--limit", type=int, help="evaluate only the first N images")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -880,8 +881,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.speed:
         return run_speed(args)
     device = _setup_device(args.device)
-    if str(args.weights).endswith(".weights"):   # darknet's own model: darknet's own input
-        args.darknet_input = args.letterbox = True
+    args.darknet_input |= str(args.weights).endswith(".weights")   # darknet's model, its input
+    args.letterbox |= args.darknet_input
     config = dict(num_classes=args.num_classes, rfb=args.rfb, width=args.width,
                   depth=args.depth, fusion=None if args.fusion == "none" else args.fusion)
     model = load_model(args.weights, False if args.no_ema else None, **config).to(device).eval()

@@ -162,11 +162,12 @@ class Config:
 
 
 # The CPU demo (no --data): a small ASFF trained from scratch on data.make_synthetic's shapes.
-# Measured on 2 idle CPU cores: 6 min in all, AP 0.487, AP50 0.726 at 192 px (960 steps of 16).
+# Measured on 2 idle CPU cores: 6.4 min in all, AP 0.487, AP50 0.726 at 192 px (960 steps of 16).
 # It departs from the recipe where 10 minutes demand it: no pretrained backbone, so a larger lr;
 # the loss (summed over cells, divided by the batch) starts with a gradient norm of ~6000,
 # which diverges without the release's slow (it/W)^4 warm-up unless the norm is clipped; no
-# mixup and no augmentation (each doubles the steps needed here), 1024 distinct images instead;
+# mixup and no augmentation (each doubles the steps needed here), the 1024 distinct images of
+# synthetic_train's default instead;
 # small inputs (the synthetic images are 192 px).
 DEMO = dict(out="runs/demo", width=0.25, depth=0.33, epochs=15, batch_size=16,
             lr=4e-2, min_lr=4e-4, warmup=0.05, clip_grad=10.0, mixup=False, augment=False,
@@ -216,7 +217,8 @@ def parse_config(argv: list[str] | None = None) -> Config:
 # The schedule (Sec. 3.4), as functions of the iteration or epoch (the tests check them)
 # ---------------------------------------------------------------------------------------------
 def lr_at(cfg: Config, iteration: int, total_iters: int, world: int) -> float:
-    """Linear warm-up to lr * total_batch / 64, then cosine to min_lr * total_batch / 64."""
+    """Linear warm-up to lr * total_batch / 64, then cosine to min_lr * total_batch / 64
+    (scale_lr off: lr and min_lr as given; schedule "released": released_lr)."""
     scale = cfg.batch_size * cfg.accumulate * world / 64 if cfg.scale_lr else 1.0
     base, final = cfg.lr * scale, cfg.min_lr * scale               # Sec. 3.4: 1e-3 at 4 x 16
     if cfg.schedule == "released":
@@ -301,15 +303,14 @@ def data_paths(cfg: Config) -> dict[str, str] | None:
 
 def open_data(cfg: Config, world: int, master: bool):
     """(training CocoDetection, validation CocoDetection); rank 0 makes the synthetic set."""
-    if (paths := data_paths(cfg)) is not None:
-        return (data.CocoDetection(paths["train_images"], paths["train_json"], cfg.include_crowd),
-                data.CocoDetection(paths["val_images"], paths["val_json"]))
-    if world > 1 and not master:
-        dist.barrier()                                         # wait for rank 0 to write it
-    paths = data.make_synthetic(n_train=cfg.synthetic_train, n_val=cfg.synthetic_val)
-    if world > 1 and master:
-        dist.barrier()
-    return (data.CocoDetection(paths["train_images"], paths["train_json"]),
+    paths = data_paths(cfg)
+    if paths is None:
+        if world > 1 and not master:
+            dist.barrier()                                     # wait for rank 0 to write it
+        paths = data.make_synthetic(n_train=cfg.synthetic_train, n_val=cfg.synthetic_val)
+        if world > 1 and master:
+            dist.barrier()
+    return (data.CocoDetection(paths["train_images"], paths["train_json"], cfg.include_crowd),
             data.CocoDetection(paths["val_images"], paths["val_json"]))
 
 
@@ -467,15 +468,9 @@ def benchmark_steps(cfg: Config, device: torch.device, num_classes: int = 80) ->
     size, per_step = cfg.size_max, cfg.batch_size * cfg.accumulate
     batches = iter(random_batches((cfg.benchmark + 1) * cfg.accumulate, cfg.batch_size, size,
                                   num_classes))
-    seconds = []
-    for _ in range(cfg.benchmark + 1):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        tic = time.perf_counter()
-        train_step(model, model, batches, size, cfg, optimizer, scaler, amp_dtype, device, 1)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        seconds.append(time.perf_counter() - tic)
+    step = lambda: train_step(model, model, batches, size, cfg, optimizer, scaler,  # noqa: E731
+                              amp_dtype, device, 1)
+    seconds = [evaluate.timed_ms(step, device)[0] / 1000 for _ in range(cfg.benchmark + 1)]
     timed = sorted(seconds[1:])
     median = timed[len(timed) // 2]
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else \

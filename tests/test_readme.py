@@ -31,6 +31,7 @@ import train
 from exercise import EXERCISES
 from test_evaluate import COCO_IDS
 from test_exercises import copy_repo
+from test_head import small_released_state
 
 REPO = Path(__file__).resolve().parents[1]
 README = (REPO / "README.md").read_text()
@@ -135,19 +136,15 @@ def write_weights(path: Path) -> None:
         backbone = head.Detector(5, width=0.125, depth=0.33).backbone
         darknet.write_darknet_weights(str(path), backbone.darknet_layers())
     elif name == "darknet53_feature_mx.pth":                   # the release's backbone, tiny
-        model = head.Detector(5, width=0.125, depth=0.33)
-        ours = model.state_dict()
-        torch.save({k: ours[v] for k, v in head.released_key_map(model).items()
-                    if v.startswith("backbone.")}, path)
+        state = small_released_state(head.Detector(5, width=0.125, depth=0.33))
+        torch.save({k: v for k, v in state.items() if int(k.split(".")[1]) <= 10}, path)
     elif name.endswith(".weights"):                            # darknet's yolov3.weights
         model = quiet_detector(fusion=None, guided=False, spp=False)
         darknet.write_darknet_weights(str(path), model.darknet_layers())
     else:                                                      # a released detector checkpoint
         config = (dict(fusion=None) if "baseline" in name else
                   dict(fusion="asff", rfb=True) if "star" in name else dict(fusion="asff"))
-        model = quiet_detector(**config)
-        ours = model.state_dict()
-        torch.save({k: ours[v] for k, v in head.released_key_map(model).items()}, path)
+        torch.save(small_released_state(quiet_detector(**config)), path)
 
 
 @pytest.fixture(scope="module")
