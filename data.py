@@ -89,6 +89,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import tempfile
 import time
 import warnings
@@ -106,8 +107,25 @@ FILL = tuple(round(255 * m) for m in MEAN)  # (124, 116, 104): zoom-out, affine 
 SIZES = tuple(range(320, 609, 32))  # Sec. 3.4 random shapes {320, 352, ..., 608}
 
 
-class DataError(ValueError):
+class UserError(Exception):
+    """A mistake in what the user gave (data, files, flags), not in the code. The scripts print
+    its message as one line and exit with status 2 (exit_on_user_error; ASFF_DEBUG=1 shows the
+    traceback too)."""
+
+
+class DataError(UserError, ValueError):
     """A problem with the data (not the code); the message names the file and the entry."""
+
+
+def exit_on_user_error(main, argv: list[str] | None = None):
+    """Run a script's main(argv); a UserError ends it with one line on stderr and status 2."""
+    try:
+        return main(argv)
+    except UserError as e:
+        if os.environ.get("ASFF_DEBUG"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 # ----------------------------------------------------------------------------------------------

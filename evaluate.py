@@ -408,6 +408,44 @@ CONFIG_KEYS = ("num_classes", "fusion", "guided", "spp", "rfb", "dropblock", "wi
                "anchors")
 
 
+def read_checkpoint(path: str) -> dict:
+    """torch.load(path, weights_only=True) of a checkpoint or state dict; anything else is a
+    UserError naming the file and what it is not (missing, empty, not a torch file, code)."""
+    from data import UserError
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"{path}: no such file")
+    if file.stat().st_size == 0:
+        raise UserError(f"{path}: empty file, not a checkpoint")
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - zip, pickle, EOF and weights-only refusals alike
+        detail = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
+        raise UserError(f"{path}: not a checkpoint that torch.load(weights_only=True) can read "
+                        f"({type(e).__name__}: {detail})") from e
+    if not isinstance(state, dict) or not state:
+        raise UserError(f"{path}: holds a {type(state).__name__}, not a checkpoint or state dict")
+    return state
+
+
+def is_training_checkpoint(state: dict) -> bool:
+    """train.py's checkpoints: model, optimizer and config side by side (see train.py)."""
+    return all(k in state for k in ("model", "optimizer", "config"))
+
+
+def load_foreign(load, path: str, *args):
+    """Call a foreign-weights loader (head.load_released, darknet.read_darknet_weights); its
+    key, shape and length errors become UserErrors naming the file."""
+    from data import UserError
+    if not Path(path).is_file():
+        raise UserError(f"{path}: no such file")
+    try:
+        return load(*args)
+    except (KeyError, ValueError, OSError) as e:
+        message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        raise UserError(message if str(path) in message else f"{path}: {message}") from e
+
+
 def released_config(state: dict) -> dict:
     """Detector arguments of a released checkpoint, read off its keys: ASFF has level_*_fusion,
     ASFF* has an RFB in each head; the s32 head's conv has 4 x (5 + C) outputs."""
@@ -463,9 +501,9 @@ def load_model(weights: str | None = None, ema: bool | None = None, **config):
     if str(weights).endswith(".weights"):
         from darknet import read_darknet_weights
         model = Detector(config.get("num_classes", 80), fusion=None, guided=False, spp=False)
-        read_darknet_weights(str(weights), model.darknet_layers())
+        load_foreign(read_darknet_weights, weights, str(weights), model.darknet_layers())
         return model
-    state = torch.load(weights, map_location="cpu", weights_only=True)
+    state = read_checkpoint(weights)
     if "config" in state and "model" in state:
         has_ema = state.get("ema") is not None
         if ema and not has_ema:
@@ -473,8 +511,8 @@ def load_model(weights: str | None = None, ema: bool | None = None, **config):
         model = Detector(**checkpoint_config(state))
         load_checked(model, state["ema" if has_ema and ema is not False else "model"], str(weights))
         return model
-    model = Detector(**released_config(state))
-    return load_released(model, state, str(weights))
+    model = Detector(**load_foreign(released_config, weights, state))
+    return load_foreign(load_released, weights, model, state, str(weights))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -897,4 +935,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from data import exit_on_user_error
+    exit_on_user_error(main)

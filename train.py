@@ -320,9 +320,11 @@ def build_model(cfg: Config, num_classes: int) -> Detector:
                      dropblock=cfg.dropblock, width=cfg.width, depth=cfg.depth,
                      anchors=None if cfg.anchors == "auto" else cfg.anchors)
     if cfg.backbone.endswith((".pth", ".pt")):    # the release's DarkNet-53 (one key map)
-        load_released(model, cfg.backbone)
+        state = evaluate.read_checkpoint(cfg.backbone)
+        evaluate.load_foreign(load_released, cfg.backbone, model, state, cfg.backbone)
     elif cfg.backbone:                            # darknet's binary darknet53.conv.74
-        read_darknet_weights(cfg.backbone, model.backbone.darknet_layers())
+        evaluate.load_foreign(read_darknet_weights, cfg.backbone, cfg.backbone,
+                              model.backbone.darknet_layers())
     return model
 
 
@@ -382,7 +384,7 @@ def check_resumable(ckpt: dict, cfg: Config, world: int, path: str) -> None:
     differ = [k for k in sorted(set(saved) | set(now))
               if k not in RESUME_MAY_DIFFER and saved.get(k, "absent") != now.get(k, "absent")]
     if differ:
-        raise SystemExit(f"{path} was made with another configuration; differing fields: "
+        raise data.UserError(f"{path} was made with another configuration; differing fields: "
                          + ", ".join(f"{k} (checkpoint {saved.get(k, 'absent')!r}, now "
                                      f"{now.get(k, 'absent')!r})" for k in differ))
 
@@ -550,7 +552,10 @@ def run(cfg: Config, rank: int, world: int, device: torch.device, stop: dict) ->
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     iteration, epoch, batch_in_epoch, best_ap, metrics, evaluated_at = 0, 0, 0, -1.0, {}, -1
     if cfg.resume:
-        ckpt = torch.load(cfg.resume, map_location="cpu", weights_only=True)
+        ckpt = evaluate.read_checkpoint(cfg.resume)
+        if not evaluate.is_training_checkpoint(ckpt):
+            raise data.UserError(f"{cfg.resume}: a state dict without a training state (no "
+                                 "optimizer, config): --resume continues a train.py run only")
         check_resumable(ckpt, cfg, world, cfg.resume)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -688,4 +693,4 @@ def run(cfg: Config, rank: int, world: int, device: torch.device, stop: dict) ->
 
 
 if __name__ == "__main__":
-    main()
+    data.exit_on_user_error(main)

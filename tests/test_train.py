@@ -309,7 +309,7 @@ def test_out_of_memory_names_the_size_and_batch(tmp_path, monkeypatch):
 
 def test_resume_refuses_another_config(tmp_path):
     train.main(TINY + ["--max-iters", "1", "--out", str(tmp_path)])
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(train.data.UserError) as e:
         train.main(TINY + ["--max-iters", "2", "--out", str(tmp_path), "--width", "0.25",
                            "--fusion", "sum", "--resume", str(tmp_path / "last.pt")])
     message = str(e.value)
