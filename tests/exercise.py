@@ -3,20 +3,25 @@
     python tests/exercise.py list                 the exercises, their functions and tests
     python tests/exercise.py start nms            hide the reference body (saved under .exercise/)
     python tests/exercise.py check nms            run the grading tests against your version
-    python tests/exercise.py solution nms         put the reference body back
+    python tests/exercise.py solution nms         put the reference body back (your attempt
+                                                  is kept as .exercise/<file>.attempt-<time>.py)
 
 `start` replaces the function's body, below its signature and docstring, by
 `raise NotImplementedError`, so the solution is out of view while you work; the original file
 is kept in `.exercise/` (git-ignored) and `git diff` shows only your work. `check` runs the
 grading tests named below; they pass with the reference and fail with a stub that raises or
-returns zeros (tests/test_exercises.py proves that for every exercise).
+returns zeros (tests/test_exercises.py proves that for every exercise), and it ends with one line,
+`exercise nms: PASS (2 passed)` or `exercise nms: FAIL (1 failed, 1 passed)`.
 """
 
 import ast
 import shutil
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
+from xml.etree import ElementTree
 
 ROOT = Path(__file__).resolve().parents[1]
 SAVED = ROOT / ".exercise"
@@ -83,24 +88,59 @@ def start(name: str) -> None:
           f"Grade it with: python tests/exercise.py check {name}")
 
 
+def grading_counts(report: Path) -> dict[str, int]:
+    """passed / failed / errors / skipped from pytest's JUnit XML report."""
+    suites = ElementTree.parse(report).getroot()
+    suites = [suites] if suites.tag == "testsuite" else list(suites)
+    total = {k: sum(int(s.get(k, 0)) for s in suites) for k in ("tests", "failures", "errors", "skipped")}
+    passed = total["tests"] - total["failures"] - total["errors"] - total["skipped"]
+    return {"passed": passed, "failed": total["failures"], "errors": total["errors"],
+            "skipped": total["skipped"]}
+
+
 def check(name: str) -> int:
+    """Run the grading tests (pytest's own output first), then one line: pass or fail, with counts."""
     tests = EXERCISES[name][2]
-    return subprocess.call([sys.executable, "-m", "pytest", "-q", *tests], cwd=ROOT)
+    with tempfile.TemporaryDirectory() as tmp:
+        report = Path(tmp) / "report.xml"
+        code = subprocess.call([sys.executable, "-m", "pytest", "--junitxml", str(report), *tests],
+                               cwd=ROOT)
+        counts = grading_counts(report) if report.exists() else {}
+    verdict = "PASS" if code == 0 else "FAIL"
+    detail = ", ".join(f"{v} {k}" for k, v in counts.items() if v) or f"pytest exit code {code}"
+    print(f"exercise {name}: {verdict} ({detail})")
+    return code
 
 
 def solution(name: str) -> None:
+    """Put the reference back; the student's attempt is kept beside it, under .exercise/."""
     file = EXERCISES[name][0]
     if not (SAVED / file).exists():
         sys.exit(f"no exercise in progress in {file}")
+    backup = SAVED / f"{Path(file).stem}.attempt-{time.strftime('%Y%m%d-%H%M%S')}.py"
+    shutil.copy(ROOT / file, backup)
     shutil.move(SAVED / file, ROOT / file)
-    print(f"{file}: reference restored")
+    print(f"{file}: reference restored; your attempt is saved as {backup.relative_to(ROOT)}")
+
+
+def usage_error(argv: list[str]) -> str | None:
+    """What is wrong with the command line, or None."""
+    commands = ("list", "start", "check", "solution")
+    if not argv or argv[0] not in commands:
+        return f"unknown command {argv[0]!r}" if argv else "no command given"
+    if argv[0] != "list" and len(argv) < 2:
+        return f"{argv[0]} needs an exercise name"
+    if argv[0] != "list" and argv[1] not in EXERCISES:
+        return f"unknown exercise {argv[1]!r}"
+    return None
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) < 1 or argv[0] not in ("list", "start", "check", "solution") or \
-            (argv[0] != "list" and (len(argv) < 2 or argv[1] not in EXERCISES)):
+    problem = usage_error(argv)
+    if problem:
         print(__doc__)
         print("exercises:", ", ".join(EXERCISES))
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     if argv[0] == "list":
         for name, (file, qualname, tests, what) in EXERCISES.items():

@@ -63,6 +63,26 @@ def test_start_check_solution_cycle(tmp_path):
     assert 'raise NotImplementedError("exercise nms' in started and "dead |= overlap" not in started
     assert "def batched_nms(" in started and "def postprocess(" in started   # the rest is kept
     assert run("start", "nms").returncode != 0        # one exercise per file at a time
-    assert run("check", "nms").returncode == 1
-    assert run("solution", "nms").returncode == 0
+    (repo / "evaluate.py").write_text(started + "\n# my attempt\n")
+    checked = run("check", "nms")
+    assert checked.returncode == 1
+    verdict = checked.stdout.strip().splitlines()[-1]
+    assert verdict.startswith("exercise nms: FAIL (") and " failed" in verdict, verdict
+    restored = run("solution", "nms")
+    assert restored.returncode == 0
     assert (repo / "evaluate.py").read_text() == original
+    backups = list((repo / ".exercise").glob("evaluate.attempt-*.py"))
+    assert len(backups) == 1 and backups[0].read_text().endswith("# my attempt\n")
+    assert str(backups[0].relative_to(repo)) in restored.stdout
+    passed = run("check", "nms")
+    assert passed.returncode == 0 and passed.stdout.strip().splitlines()[-1].startswith(
+        "exercise nms: PASS (")
+
+
+@pytest.mark.parametrize("argv, problem", [(["start", "foo"], "unknown exercise 'foo'"),
+                                           (["check"], "check needs an exercise name"),
+                                           (["begin", "nms"], "unknown command 'begin'")])
+def test_exercise_command_names_what_is_wrong(argv, problem):
+    done = subprocess.run([sys.executable, "tests/exercise.py", *argv], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and done.stderr.strip() == f"error: {problem}"
