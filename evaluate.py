@@ -672,9 +672,24 @@ def speed_report(bench: dict, sizes, variants, header: str) -> str:
 HEAT_STOPS = ((0.0, (0, 0, 0)), (0.25, (87, 16, 110)), (0.5, (188, 55, 84)),
               (0.75, (249, 142, 9)), (1.0, (252, 255, 164)))
 TILE, GAP, TITLE = 160, 4, 16   # heat-map tile side, gap between panels, title strip height (px)
+BAR = 28                        # colour-bar strip under the maps: the [0, 1] scale of Eq. 2
 MAP_COLUMNS = ("alpha (s32 src)", "beta (s16 src)", "gamma (s8 src)", "fused sum_C")
 PALETTE = ((230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
            (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 190))
+# A class whose name starts with a colour word is boxed in that colour (the synthetic set's
+# "blue triangle" in blue); any other class takes PALETTE[class index].
+COLOR_WORDS = {"red": (230, 25, 75), "green": (60, 180, 75), "blue": (0, 130, 200),
+               "yellow": (255, 225, 25), "orange": (245, 130, 48), "purple": (145, 30, 180),
+               "cyan": (70, 240, 240), "magenta": (240, 50, 230), "pink": (250, 190, 190),
+               "white": (255, 255, 255), "black": (40, 40, 40), "grey": (128, 128, 128),
+               "gray": (128, 128, 128), "brown": (170, 110, 40)}
+
+
+def class_color(class_names, cls: int) -> tuple[int, int, int]:
+    """The box colour of class `cls`: its name's colour word, else PALETTE by index."""
+    name = class_names[cls] if 0 <= cls < len(class_names) else ""
+    words = str(name).lower().split()
+    return COLOR_WORDS.get(words[0] if words else "", PALETTE[cls % len(PALETTE)])
 
 
 def heat_colors(values: np.ndarray) -> np.ndarray:
@@ -694,7 +709,7 @@ def draw_detections(image: Image.Image, detections, class_names) -> Image.Image:
     det[:, [0, 2]] = det[:, [0, 2]].clip(-1, image.width)      # Pillow fails on huge coordinates
     det[:, [1, 3]] = det[:, [1, 3]].clip(-1, image.height)
     for x1, y1, x2, y2, score, cls, _ in det:
-        color = PALETTE[int(cls) % len(PALETTE)]
+        color = class_color(class_names, int(cls))
         draw.rectangle((x1, y1, x2, y2), outline=color, width=2)
         name = class_names[int(cls)] if int(cls) < len(class_names) else str(int(cls))
         label = f"{name} {score:.2f}"
@@ -708,7 +723,7 @@ def figure3_size(image_wh: tuple[int, int], tile: int = TILE) -> tuple[int, int]
     """(width, height) of draw_figure3's canvas for an image of (w, h) with fusion maps."""
     panel_h = 3 * tile + 2 * GAP
     det_w = round(image_wh[0] * panel_h / image_wh[1])
-    return det_w + 4 * (GAP + tile), TITLE + panel_h
+    return det_w + 4 * (GAP + tile), TITLE + panel_h + BAR
 
 
 def tile_origin(image_wh: tuple[int, int], row: int, col: int, tile: int = TILE):
@@ -739,7 +754,7 @@ def draw_figure3(image, detections, maps, class_names, tile: int = TILE) -> Imag
     width, height = figure3_size(image.size, tile)
     canvas = Image.new("RGB", (width, height), (255, 255, 255))
     draw, font = ImageDraw.Draw(canvas), ImageFont.load_default()
-    det_w, det_h = width - 4 * (GAP + tile), height - TITLE
+    det_w, det_h = width - 4 * (GAP + tile), height - TITLE - BAR
     det = torch.as_tensor(np.asarray(detections, np.float64)).reshape(-1, 7).clone()  # (K, 7)
     det[:, [0, 2]] *= det_w / image.width                 # boxes drawn after the resize: crisp
     det[:, [1, 3]] *= det_h / image.height
@@ -760,7 +775,24 @@ def draw_figure3(image, detections, maps, class_names, tile: int = TILE) -> Imag
         x, y = tile_origin(image.size, row, 0, tile)
         draw.text((x + 2, y + 2), f"s{stride}", fill=(255, 255, 255), font=font, stroke_width=1,
                   stroke_fill=(0, 0, 0))
+    draw_color_bar(canvas, tile_origin(image.size, 0, 0, tile)[0], height - BAR, 3 * tile + 2 * GAP)
     return canvas
+
+
+def draw_color_bar(canvas: Image.Image, x: int, y: int, width: int) -> None:
+    """The alpha/beta/gamma scale under the weight maps: 0 (black) to 1, labelled, in a
+    BAR-high strip at (x, y); the fused column is min-max scaled per level instead."""
+    draw, font = ImageDraw.Draw(canvas), ImageFont.load_default()
+    ramp = heat_colors(np.tile(np.linspace(0, 1, width), (8, 1)))            # (8, width, 3)
+    canvas.paste(Image.fromarray(ramp), (x, y + 4))
+    for value in (0.0, 0.5, 1.0):
+        tx = x + round(value * (width - 1))
+        draw.line((tx, y + 12, tx, y + 15), fill=(0, 0, 0))
+        label = f"{value:g}"
+        draw.text((min(max(tx - 3 * len(label), x), x + width - 6 * len(label)), y + 15), label,
+                  fill=(0, 0, 0), font=font)
+    draw.text((x + width // 4 - 40, y + 15), "Eq. 2 weight", fill=(0, 0, 0), font=font)
+    draw.text((x + width + GAP + 2, y + 4), "fused: min-max per level", fill=(0, 0, 0), font=font)
 
 
 def show(model, image, out: str, size: int, class_names, conf_thre: float = 0.3,

@@ -435,11 +435,14 @@ def _demo(sizes: tuple[int, ...] = (416, 608)) -> None:
                "strong baseline": dict(fusion=None), "sum fusion": dict(fusion="sum"),
                "concat fusion": dict(fusion="concat"), "ASFF": dict(fusion="asff"),
                "ASFF*": dict(fusion="asff", rfb=True, dropblock=True)}
+    print(f"counting parameters and FLOPs of {len(configs)} full-size detectors at {sizes} "
+          "(one forward each; a few seconds per row)...", flush=True)
     print(f"{'configuration':<18}{'params':>14}" + "".join(f"{f'GFLOPs@{s}':>12}" for s in sizes))
     for name, kwargs in configs.items():
         model = Detector(80, **kwargs)
         n = sum(p.numel() for p in model.parameters())
-        print(f"{name:<18}{n:>14,}" + "".join(f"{count_flops(model, s) / 1e9:>12.2f}" for s in sizes))
+        print(f"{name:<18}{n:>14,}" + "".join(f"{count_flops(model, s) / 1e9:>12.2f}" for s in sizes),
+              flush=True)
     model = Detector(80, fusion="asff").eval()
     with torch.no_grad():
         out = model(torch.zeros(1, 3, sizes[0], sizes[0]))

@@ -265,8 +265,13 @@ def test_figure3_size_layout_and_heat_map_colours(tmp_path):
     picture.save(tmp_path / "f.png")
     picture = Image.open(tmp_path / "f.png").convert("RGB")
     # hand-computed layout: 3 rows of 160 px + 2 gaps of 4 = 488; image panel 200 * 488/100 = 976
-    # wide; 4 tiles of 160 + 4 gaps; a 16 px title strip on top
-    assert picture.size == (976 + 4 * 164, 16 + 488)
+    # wide; 4 tiles of 160 + 4 gaps; a 16 px title strip on top, a 28 px colour bar below
+    assert picture.size == (976 + 4 * 164, 16 + 488 + 28)
+    bar_y, bar_x, bar_w = 16 + 488 + 4, 976 + 4, 3 * 160 + 2 * 4   # the ramp, under alpha..gamma
+    assert picture.getpixel((bar_x, bar_y)) == (0, 0, 0)                          # 0: black
+    assert picture.getpixel((bar_x + bar_w - 1, bar_y)) == (252, 255, 164)        # 1
+    assert picture.getpixel((bar_x + bar_w // 2, bar_y)) == tuple(ev.heat_colors(np.array(
+        (bar_w // 2) / (bar_w - 1))).tolist())                                    # linear in x
     for row in range(3):
         y = 16 + row * 164 + 80                                    # the middle of the row's tiles
         at = lambda col, dx, y=y: picture.getpixel((976 + 4 + col * 164 + dx, y))  # noqa: E731
@@ -278,6 +283,9 @@ def test_figure3_size_layout_and_heat_map_colours(tmp_path):
     alone = ev.draw_figure3(image, det, None, ["a", "b"])
     assert alone.size == (200, 100) and alone.getpixel((20, 40)) == ev.PALETTE[1]
     assert alone.getpixel((50, 40)) == (128, 128, 128)
+    # a class named after a colour is boxed in that colour, whatever its index
+    named = ev.draw_figure3(image, det, None, ["red circle", "blue triangle"])
+    assert named.getpixel((20, 40)) == ev.COLOR_WORDS["blue"]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -243,3 +243,15 @@ def test_msra_init_and_dropblock_hook():
     plain = Detector(80, fusion="asff", width=0.125)
     plain.set_dropblock({32: 7, 16: 5, 8: 3}, 0.9)
     assert plain.pyramid.dropblocks()[32].keep_prob == 1.0        # no DropBlock unless asked
+
+
+def test_demo_announces_the_slow_flop_count_before_it_starts(monkeypatch, capsys):
+    """`python head.py` counts FLOPs of six full-size detectors: a line says so first."""
+    import head
+    seen = []
+    monkeypatch.setattr(head, "count_flops", lambda model, size: seen.append(
+        capsys.readouterr().out) or 1e9)
+    monkeypatch.setattr(head, "Detector", lambda *a, **k: Detector(5, width=0.125, depth=0.33,
+                                                                      **k))
+    head._demo(sizes=(64,))
+    assert seen[0].startswith("counting parameters and FLOPs of 6 full-size detectors")
