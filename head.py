@@ -29,6 +29,7 @@ Public entry points:
         YOLOv3 + ASFF (Table 3):         Detector(fusion="asff")
         ASFF* (Table 4):                 Detector(fusion="asff", rfb=True, dropblock=True)
     load_released(model, path_or_state_dict): the authors' checkpoints through one key map.
+    transfer_weights(model, state, source): a whole detector of another class count (fine-tuning).
     decode_level, anchor_shapes, deform_conv2d, init_weights.
 
 Anchors: the released darknet models were all trained with (121, 240) as the ninth anchor
@@ -298,6 +299,46 @@ def init_weights(model: nn.Module) -> None:
         elif isinstance(m, nn.BatchNorm2d):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
+
+
+def transfer_weights(model: "Detector", state: dict[str, torch.Tensor], source: str) -> dict:
+    """Start a fine-tuning run from a whole detector of another class count (train.py --weights).
+
+    `state` is a Detector state dict of the same architecture as `model` but any class count.
+    Tensors of equal shape are copied. The 1x1 prediction convs (S x (5 + C) outputs, slot-major)
+    keep each slot's [tx, ty, tw, th, obj] rows from the file and the class rows that `model`
+    was built with (its fresh init, for the new classes). Anything else that differs is an error
+    naming the key, the file and both shapes. Returns {"loaded": keys, "reinitialised": keys}.
+    """
+    ours = model.state_dict()
+    for key in sorted(set(state) ^ set(ours)):
+        where = "only in the file" if key in state else "missing from the file"
+        raise ValueError(f"{source}: key {key} is {where}: the file holds another architecture "
+                         "(fusion, guided, SPP, RFB?)")
+    merged, report = {}, {"loaded": [], "reinitialised": []}
+    for key, target in ours.items():
+        tensor = state[key].to(target.dtype)
+        if tensor.shape == target.shape:
+            merged[key] = tensor
+            report["loaded"].append(key)
+        elif _is_class_rows_change(key, tensor, target, model.n_slots):
+            S = model.n_slots
+            rows = target.clone().view(S, -1, *target.shape[1:])          # (S, 5+C_new, ...)
+            rows[:, :5] = tensor.view(S, -1, *tensor.shape[1:])[:, :5]     # box + objectness
+            merged[key] = rows.view_as(target)
+            report["reinitialised"].append(key)
+        else:
+            raise ValueError(f"{source}: key {key} has shape {tuple(tensor.shape)}, the model "
+                             f"needs {tuple(target.shape)} (another width or depth?)")
+    model.load_state_dict(merged)
+    return report
+
+
+def _is_class_rows_change(key: str, tensor: torch.Tensor, target: torch.Tensor, n_slots: int) -> bool:
+    """A prediction conv whose only difference is the number of class rows per slot."""
+    return key.split(".")[-2:] in (["pred", "weight"], ["pred", "bias"]) and \
+        tensor.shape[1:] == target.shape[1:] and tensor.shape[0] % n_slots == 0 and \
+        tensor.shape[0] // n_slots > 5
 
 
 # ---------------------------------------------------------------------------------------------

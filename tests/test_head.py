@@ -255,3 +255,57 @@ def test_demo_announces_the_slow_flop_count_before_it_starts(monkeypatch, capsys
                                                                       **k))
     head._demo(sizes=(64,))
     assert seen[0].startswith("counting parameters and FLOPs of 6 full-size detectors")
+
+
+# ---------------------------------------------------------------------------------------------
+# Fine-tuning start: a whole detector of another class count (train.py --weights)
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("guided", [True, False])
+@pytest.mark.parametrize("classes_from, classes_to", [(80, 3), (5, 3), (3, 3), (3, 7)])
+def test_transfer_keeps_box_rows_and_reinitialises_class_rows(guided, classes_from, classes_to):
+    from head import transfer_weights
+    torch.manual_seed(0)
+    trained = Detector(classes_from, fusion="asff", guided=guided, width=0.125, depth=0.34)
+    with torch.no_grad():                                    # "trained": every value moved
+        for t in trained.state_dict().values():
+            if t.is_floating_point():
+                t.add_(torch.rand_like(t))
+    torch.manual_seed(1)
+    model = Detector(classes_to, fusion="asff", guided=guided, width=0.125, depth=0.34)
+    fresh = {k: v.clone() for k, v in model.state_dict().items()}
+    report = transfer_weights(model, trained.state_dict(), "demo/last.pt")
+    after, source, S = model.state_dict(), trained.state_dict(), model.n_slots
+    pred_keys = {f"heads.s{s}.pred.{p}" for s in (8, 16, 32) for p in ("weight", "bias")}
+    for key, value in after.items():
+        if key in pred_keys and classes_from != classes_to:
+            rows, src = value.view(S, 5 + classes_to, -1), source[key].view(S, 5 + classes_from, -1)
+            assert torch.equal(rows[:, :5], src[:, :5]), key                   # box + obj kept
+            assert torch.equal(rows[:, 5:], fresh[key].view(S, 5 + classes_to, -1)[:, 5:]), key
+        else:
+            assert torch.equal(value, source[key]), key                        # loaded as is
+    assert set(report["reinitialised"]) == (pred_keys if classes_from != classes_to else set())
+    assert len(report["loaded"]) + len(report["reinitialised"]) == len(after)
+
+
+def test_transfer_from_a_released_file_of_another_class_count(tmp_path):
+    """A released-format ASFF checkpoint (80 classes) -> load_released -> 3 classes."""
+    from head import transfer_weights
+    released = Detector(80, fusion="asff", width=0.125, depth=0.34)
+    path = tmp_path / "yolov3_asff.pth"
+    torch.save(small_released_state(released), path)
+    source = load_released(Detector(80, fusion="asff", width=0.125, depth=0.34), str(path))
+    model = Detector(3, fusion="asff", width=0.125, depth=0.34)
+    report = transfer_weights(model, source.state_dict(), str(path))
+    assert len(report["reinitialised"]) == 6
+    key = "pyramid.s32.conv1.conv.weight"
+    assert torch.equal(model.state_dict()[key], released.state_dict()[key])
+
+
+def test_transfer_refuses_another_architecture_naming_key_file_and_shapes():
+    from head import transfer_weights
+    model = Detector(3, fusion="asff", width=0.125, depth=0.34)
+    with pytest.raises(ValueError, match=r"f\.pt: key fusion\.s\d+\..* is missing from the file"):
+        transfer_weights(model, Detector(3, fusion=None, width=0.125, depth=0.34).state_dict(), "f.pt")
+    wider = Detector(3, fusion="asff", width=0.25, depth=0.34).state_dict()
+    with pytest.raises(ValueError, match=r"f\.pt: key \S+ has shape \(\d+, .*the model needs \("):
+        transfer_weights(model, wider, "f.pt")
