@@ -53,6 +53,7 @@ from PIL import Image, ImageDraw, ImageFont
 CONF_THRE = 0.005   # low, as COCO AP needs (the release: 0.001 in eval.py, 0.01 in main.py)
 NMS_THRE = 0.6      # Sec. 3.4; the release's config moved to 0.65 after publication
 MAX_DET = 100       # COCOeval's maxDets: more boxes per image are never scored
+DRAW_CONF = 0.3     # pictures (--detect, --show) draw boxes over this score
 COCO_STATS = ("AP", "AP50", "AP75", "APs", "APm", "APl",
               "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")   # order of COCOeval.stats
 PAPER_COLUMNS = COCO_STATS[:6]                                # Tables 3-4
@@ -66,6 +67,7 @@ COCO_NAMES = tuple(n.replace("_", " ") for n in (  # the 80 classes, in sorted-i
     "potted_plant bed dining_table toilet tv laptop mouse remote keyboard cell_phone microwave "
     "oven toaster sink refrigerator book clock vase scissors teddy_bear hair_drier "
     "toothbrush").split())
+COCO_CAT_IDS = tuple(k for k in range(1, 91) if k not in (12, 26, 29, 30, 45, 66, 68, 69, 71, 83))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -820,6 +822,123 @@ def show(model, image, out: str, size: int, class_names, conf_thre: float = 0.3,
 
 
 # ---------------------------------------------------------------------------------------------
+# Detection on your own images (--detect), and export (--export)
+# ---------------------------------------------------------------------------------------------
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+def image_files(paths: list[str]) -> list[Path]:
+    """The files given and the image files inside the folders given (recursively, sorted)."""
+    from data import UserError
+    files = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            files += sorted(f for f in path.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise UserError(f"{path}: no such file or folder")
+    if not files:
+        raise UserError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) in {', '.join(paths)}")
+    return files
+
+
+def detect_image(model, image: np.ndarray, size: int, nms_thre: float = NMS_THRE,
+                 letterbox: bool = False, darknet: bool = False) -> torch.Tensor:
+    """uint8 (H, W, 3) RGB -> (K, 7) [x1, y1, x2, y2, score, class, obj] in its pixels: the
+    evaluation's preprocessing, decode and per-class NMS, every box over CONF_THRE."""
+    device = next(model.parameters()).device
+    x = preprocess(image, size, letterbox, darknet)[None].to(device)       # (1, 3, S, S)
+    with torch.inference_mode():
+        det = postprocess(model(x), CONF_THRE, nms_thre)[0].cpu()          # (K, 7)
+    return to_original(det, (size, size), image.shape[:2], letterbox)      # (K, 7)
+
+
+def draw_boxes(image: Image.Image, det: torch.Tensor, class_names, conf: float) -> Image.Image:
+    """Boxes over `conf` with class name and score, line and text scaled to the image size."""
+    scale = max(image.size) / 640
+    try:                                                 # Pillow >= 10.1 sizes its own font
+        font = ImageFont.load_default(size=max(11, round(14 * scale)))
+    except TypeError:
+        font = ImageFont.load_default()
+    image = image.convert("RGB")
+    draw = ImageDraw.Draw(image)
+    det = det[(det[:, 4] >= conf) & torch.isfinite(det).all(1)].clone()   # (K', 7)
+    det[:, [0, 2]] = det[:, [0, 2]].clamp(-1, image.width)     # Pillow fails on huge coordinates
+    det[:, [1, 3]] = det[:, [1, 3]].clamp(-1, image.height)
+    for x1, y1, x2, y2, score, cls, _ in det.tolist():
+        color, cls = class_color(class_names, int(cls)), int(cls)
+        draw.rectangle((x1, y1, x2, y2), outline=color, width=max(2, round(3 * scale)))
+        label = f"{class_names[cls] if cls < len(class_names) else cls} {score:.2f}"
+        box = draw.textbbox((x1, y1), label, font=font)
+        ty = y1 - (box[3] - box[1]) - 4 if y1 - (box[3] - box[1]) - 4 >= 0 else y1
+        box = draw.textbbox((x1 + 2, ty + 2), label, font=font)
+        draw.rectangle((box[0] - 2, box[1] - 2, box[2] + 2, box[3] + 2), fill=color)
+        draw.text((x1 + 2, ty + 2), label, fill=(0, 0, 0), font=font)
+    return image
+
+
+def detection_rows(det: torch.Tensor, file: Path, class_names, cat_ids) -> list[dict]:
+    """COCO results rows ([x, y, w, h] in image pixels) with the file name and class name."""
+    rows = []
+    for x1, y1, x2, y2, score, cls, _ in det.tolist():
+        rows.append({"file_name": str(file), "category_id": int(cat_ids[int(cls)]),
+                     "category": str(class_names[int(cls)]), "score": round(score, 5),
+                     "bbox": [round(v, 2) for v in (x1, y1, x2 - x1, y2 - y1)]})
+    return rows
+
+
+def detect(model, paths: list[str], out: str, size: int, class_names, cat_ids=None,
+           conf: float = 0.3, nms_thre: float = NMS_THRE, letterbox: bool = False,
+           darknet: bool = False) -> dict:
+    """Detect on image files and folders: out/<name>.png per image (boxes over `conf`) and
+    out/detections.json (every box over CONF_THRE, COCO results format plus file names).
+    Unreadable files are named, skipped and counted. Returns {"images", "skipped", "boxes"}."""
+    from data import DataError, open_rgb
+    files, out = image_files(paths), Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    cat_ids = cat_ids or list(range(len(class_names)))
+    rows, skipped, drawn, names, start = [], [], 0, set(), time.time()
+    for k, file in enumerate(files):
+        try:
+            image = open_rgb(str(file))                                     # EXIF-upright RGB
+        except DataError as e:
+            skipped.append(str(e))
+            print(f"[{k + 1}/{len(files)}] skipped: {e}", flush=True)
+            continue
+        det = detect_image(model, np.asarray(image), size, nms_thre, letterbox, darknet)
+        name = file.stem if file.stem not in names else f"{file.stem}-{k}"
+        names.add(name)
+        draw_boxes(image, det, class_names, conf).save(out / f"{name}.png")
+        rows += detection_rows(det, file, class_names, cat_ids)
+        drawn += int((det[:, 4] >= conf).sum())
+        left = (time.time() - start) / (k + 1) * (len(files) - k - 1)
+        print(f"[{k + 1}/{len(files)}] {file}: {int((det[:, 4] >= conf).sum())} boxes over {conf} "
+              f"-> {out / name}.png (ETA {left:.0f} s)", flush=True)
+    (out / "detections.json").write_text(json.dumps(rows, indent=1))
+    print(f"detected on {len(files) - len(skipped)} image(s), {drawn} boxes over {conf}; "
+          f"{len(skipped)} unreadable file(s) skipped; wrote {out}/detections.json "
+          f"({len(rows)} boxes over {CONF_THRE})")
+    return {"images": len(files) - len(skipped), "skipped": skipped, "boxes": len(rows)}
+
+
+def export(model, path: str, size: int) -> Path:
+    """torch.export the eval-mode model at size x size, any batch: (B, 3, size, size) normalised
+    input (preprocess) -> (B, N, 5 + C) decoded rows, the same as model(x). Load it with
+    torch.export.load(path).module() - no asff code needed to run it."""
+    model = model.eval()
+    example = torch.zeros(2, 3, size, size, device=next(model.parameters()).device)
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    with torch.no_grad():
+        program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    torch.export.save(program, path)
+    print(f"wrote {path}: (B, 3, {size}, {size}) -> (B, {model(example[:1]).shape[1]}, "
+          f"{5 + model.num_classes}) decoded [cx, cy, w, h, obj, cls...] in input pixels")
+    return Path(path)
+
+
+# ---------------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
@@ -836,7 +955,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--ann", help="annotation JSON of that set")
     a("--test-dev", action="store_true", help="write the results file for the COCO server")
     a("--size", type=int, default=608, help="test size, a multiple of 32 (paper: 320-800)")
-    a("--conf", type=float, default=CONF_THRE, help="confidence threshold on obj * cls")
+    a("--conf", "--draw-conf", dest="conf", type=float, default=None,
+      help=f"score threshold on obj * cls: evaluation keeps boxes over it (default {CONF_THRE}: "
+           f"COCO AP needs the tail); --detect and --show draw boxes over it (default {DRAW_CONF})")
     a("--nms", type=float, default=NMS_THRE, help="NMS IoU (paper 0.6; the release 0.65)")
     a("--max-det", type=int, default=MAX_DET, help="detections kept per image")
     a("--multi-label", action="store_true", help="every class over --conf, not only the argmax")
@@ -865,7 +986,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--no-fold", action="store_true", help="skip the conv+BN folded timings")
     a("--show", nargs="?", const="", metavar="IMAGE",
       help="draw Figure 3 for IMAGE (default: the first image of the evaluation set)")
-    a("--draw-conf", type=float, default=0.3, help="score threshold of the drawn boxes")
+    a("--detect", nargs="+", metavar="PATH", help="detect on these images / folders: one PNG "
+      "per image and detections.json in --out (default detections/)")
+    a("--export", metavar="FILE", help="write the model as a torch.export program (.pt2) for "
+      "--size x --size inputs, any batch")
     return p
 
 
@@ -910,8 +1034,23 @@ def _show_cli(args, model) -> None:
         names = COCO_NAMES
     else:
         names = [f"class {k}" for k in range(model.num_classes)]
-    show(model, image, args.out or ".", args.size, names, args.draw_conf, args.nms, name,
+    show(model, image, args.out or ".", args.size, names, _conf(args, DRAW_CONF), args.nms, name,
          args.letterbox, args.darknet_input)
+
+
+def _conf(args, default: float) -> float:
+    return default if args.conf is None else args.conf
+
+
+def checkpoint_class_names(weights: str | None, num_classes: int) -> tuple[list[str], list[int]]:
+    """(class names, category ids) for pictures and results: those train.py saved in the
+    checkpoint, COCO's for an 80-class model without them, else "class k" and k."""
+    state = read_checkpoint(weights) if weights and not str(weights).endswith(".weights") else {}
+    if state.get("class_names") and len(state["class_names"]) == num_classes:
+        return list(state["class_names"]), list(state.get("cat_ids") or range(num_classes))
+    if num_classes == len(COCO_NAMES):
+        return list(COCO_NAMES), list(COCO_CAT_IDS)
+    return [f"class {k}" for k in range(num_classes)], list(range(num_classes))
 
 
 def run_speed(args) -> None:
@@ -956,10 +1095,16 @@ def main(argv: list[str] | None = None) -> None:
     config = dict(num_classes=args.num_classes, rfb=args.rfb, width=args.width,
                   depth=args.depth, fusion=None if args.fusion == "none" else args.fusion)
     model = load_model(args.weights, False if args.no_ema else None, **config).to(device).eval()
+    if args.export:
+        return export(model, args.export, args.size)
+    if args.detect:
+        names, cat_ids = checkpoint_class_names(args.weights, model.num_classes)
+        return detect(model, args.detect, args.out or "detections", args.size, names, cat_ids,
+                      _conf(args, DRAW_CONF), args.nms, args.letterbox, args.darknet_input)
     if args.show is not None:
         return _show_cli(args, model)
     dataset = open_dataset(args)
-    evaluate(model, dataset, args.size, args.conf, args.nms, args.max_det, args.multi_label,
+    evaluate(model, dataset, args.size, _conf(args, CONF_THRE), args.nms, args.max_det, args.multi_label,
              args.letterbox, args.batch, args.limit, args.test_dev, args.out,
              torch.float16 if args.half else None, darknet_input=args.darknet_input)
     if dist.is_initialized():

@@ -1,0 +1,117 @@
+"""evaluate.py --detect (your own images and folders) and --export (torch.export): the JSON holds
+exactly the model's boxes for the same input, mapped to image pixels by hand here; unreadable
+files are named and counted; the exported program gives the eager model's decoded rows."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import evaluate as ev
+from data import UserError, open_rgb
+from head import Detector
+
+NAMES = ["red circle", "green square", "blue triangle"]
+SIZE = 64
+
+
+def tiny_model() -> Detector:
+    torch.manual_seed(0)
+    return Detector(len(NAMES), fusion="asff", width=0.125, depth=0.33).eval()
+
+
+def write_checkpoint(path, model) -> str:
+    """The parts of a train.py checkpoint that evaluation reads."""
+    torch.save({"model": model.state_dict(), "ema": None, "optimizer": {},
+                "config": {"fusion": "asff", "guided": True, "spp": True, "rfb": False,
+                           "dropblock": False, "width": 0.125, "depth": 0.33, "anchors": "auto"},
+                "class_names": NAMES, "cat_ids": [3, 17, 42]}, path)
+    return str(path)
+
+
+def write_images(folder):
+    """A non-square PNG, a grayscale JPEG, an EXIF-rotated JPEG and a corrupt file."""
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (90, 200, 3), np.uint8)).save(folder / "wide.png")
+    Image.fromarray(rng.integers(0, 255, (70, 70), np.uint8), "L").save(folder / "gray.jpg")
+    rotated = Image.fromarray(rng.integers(0, 255, (40, 100, 3), np.uint8))
+    exif = rotated.getexif()
+    exif[0x0112] = 6                                           # "rotate 90 clockwise to view"
+    rotated.save(folder / "rotated.jpg", exif=exif)
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    return folder
+
+
+def boxes_by_hand(model, image: np.ndarray) -> torch.Tensor:
+    """The model's boxes over CONF_THRE on the plain-resized input, scaled to image pixels."""
+    x = ev.preprocess(image, SIZE)[None]                       # (1, 3, SIZE, SIZE)
+    with torch.no_grad():
+        det = ev.postprocess(model(x), ev.CONF_THRE, ev.NMS_THRE)[0]  # (K, 7) input pixels
+    H, W = image.shape[:2]
+    det[:, [0, 2]] *= W / SIZE
+    det[:, [1, 3]] *= H / SIZE
+    return det
+
+
+def test_detect_writes_the_models_boxes_in_image_pixels_and_skips_broken_files(tmp_path, capsys):
+    model = tiny_model()
+    folder = write_images(tmp_path / "photos")
+    out = tmp_path / "out"
+    ev.main(["--detect", str(folder), "--weights", write_checkpoint(tmp_path / "c.pt", model),
+             "--size", str(SIZE), "--out", str(out), "--conf", "0.2"])
+    printed = capsys.readouterr().out
+    assert "broken.jpg" in printed and "1 unreadable file(s) skipped" in printed
+    assert "[4/4]" in printed                                  # a progress line per file
+    rows = json.loads((out / "detections.json").read_text())
+    for name in ("wide.png", "gray.jpg", "rotated.jpg"):
+        image = np.asarray(open_rgb(str(folder / name)))       # upright, RGB
+        mine = [r for r in rows if r["file_name"] == str(folder / name)]
+        want = boxes_by_hand(model, image)
+        assert len(mine) == len(want) > 0, name
+        got = torch.tensor([r["bbox"] for r in mine])
+        x1, y1, x2, y2 = want[:, :4].T
+        # the JSON rounds to 0.01 px; float32 keeps ~7 digits of the (untrained, huge) boxes
+        torch.testing.assert_close(got, torch.stack([x1, y1, x2 - x1, y2 - y1], 1), atol=0.01,
+                                   rtol=1e-6)
+        assert [r["category"] for r in mine] == [NAMES[int(c)] for c in want[:, 5]]
+        assert [r["category_id"] for r in mine] == [[3, 17, 42][int(c)] for c in want[:, 5]]
+        assert Image.open(out / f"{name.split('.')[0]}.png").size == image.shape[1::-1]
+    assert Image.open(out / "rotated.png").size == (40, 100)   # EXIF applied: 100 tall
+
+
+def test_detect_names_missing_paths_and_empty_folders(tmp_path):
+    with pytest.raises(UserError, match=r"nowhere\.jpg: no such file or folder"):
+        ev.image_files([str(tmp_path / "nowhere.jpg")])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match=r"no image files .* in .*empty"):
+        ev.image_files([str(tmp_path / "empty")])
+
+
+def test_boxes_are_drawn_in_proportion_to_the_image():
+    det = torch.tensor([[10.0, 10, 60, 40, 0.9, 2, 0.9]])
+    small = ev.draw_boxes(Image.new("RGB", (100, 80)), det, NAMES, 0.5)
+    large = ev.draw_boxes(Image.new("RGB", (2000, 1600)), det * torch.tensor(
+        [20.0, 20, 20, 20, 1, 1, 1]), NAMES, 0.5)
+    def left_edge_width(im, x1, y):                            # coloured pixels across the edge
+        return sum(1 for x in range(x1 - 20, x1 + 20) if im.getpixel((x, y)) != (0, 0, 0))
+
+    assert small.getpixel((10, 36)) == ev.COLOR_WORDS["blue"]  # the box in its class's colour
+    thin, thick = left_edge_width(small, 10, 36), left_edge_width(large, 200, 700)  # under labels
+    assert thin >= 2 and thick >= 3 * thin                     # a 20x larger image: thicker lines
+    hidden = ev.draw_boxes(Image.new("RGB", (100, 80)), det, NAMES, 0.95)
+    assert hidden.getbbox() is None                            # under --conf: not drawn
+
+
+def test_export_gives_the_eager_models_outputs(tmp_path):
+    model = tiny_model()
+    path = tmp_path / "model.pt2"
+    ev.main(["--export", str(path), "--weights", write_checkpoint(tmp_path / "c.pt", model),
+             "--size", str(SIZE)])
+    program = torch.export.load(str(path)).module()
+    for batch in (1, 3):
+        x = torch.randn(batch, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(batch))
+        with torch.no_grad():
+            torch.testing.assert_close(program(x), model(x), atol=1e-5, rtol=1e-5)
