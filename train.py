@@ -71,7 +71,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 import data
 import evaluate
 from darknet import read_darknet_weights
-from head import Detector, load_released
+from head import Detector, load_released, transfer_weights
 from loss import IOU_FORMS, compute_loss
 
 
@@ -88,6 +88,9 @@ class Config:
     resume: str = opt("", "checkpoint to continue from (its config must match)")
     backbone: str = opt("", "pretrained DarkNet-53 (Sec. 3.4): darknet53.conv.74 or the release's "
                             "darknet53_feature_mx.pth; empty: MSRA init everywhere")
+    weights: str = opt("", "start a new run from a whole detector: our checkpoint, a released "
+                           ".pth or darknet's yolov3.weights, any class count (fine-tuning; "
+                           "--resume continues a run instead)")
     train_images: str = opt("", "a custom COCO-format set instead of --data: training images")
     train_ann: str = opt("", "... its training annotation JSON (any categories)")
     val_images: str = opt("", "... validation images")
@@ -206,6 +209,9 @@ def parse_config(argv: list[str] | None = None) -> Config:
     custom = (cfg.train_images, cfg.train_ann, cfg.val_images, cfg.val_ann)
     if any(custom) and not all(custom):
         parser.error("a custom set needs all of --train-images, --train-ann, --val-images, --val-ann")
+    if cfg.weights and (cfg.resume or cfg.backbone):
+        parser.error("--weights starts a new run from a whole detector: it goes with neither "
+                     "--resume (which continues a run) nor --backbone (which it includes)")
     for name, allowed in CHOICES.items():
         if getattr(cfg, name) not in allowed:
             parser.error(f"--{name.replace('_', '-')} {getattr(cfg, name)}: not one of "
@@ -325,7 +331,47 @@ def build_model(cfg: Config, num_classes: int) -> Detector:
     elif cfg.backbone:                            # darknet's binary darknet53.conv.74
         evaluate.load_foreign(read_darknet_weights, cfg.backbone, cfg.backbone,
                               model.backbone.darknet_layers())
+    if cfg.weights:
+        start_from_detector(model, cfg)
     return model
+
+
+ARCHITECTURE = ("fusion", "guided", "spp", "rfb", "dropblock", "width", "depth")
+
+
+def detector_weights(cfg: Config, arch: dict) -> tuple[dict, int]:
+    """(state dict, class count) of the whole detector in cfg.weights, in our key names."""
+    path = cfg.weights
+    if path.endswith(".weights"):                 # darknet's 80-class original YOLOv3
+        source = Detector(80, **arch)
+        evaluate.load_foreign(read_darknet_weights, path, path, source.darknet_layers())
+        return source.state_dict(), 80
+    state = evaluate.read_checkpoint(path)
+    if "model" in state and "config" in state:    # ours: the EMA weights when it kept them
+        saved = evaluate.checkpoint_config(state)
+        differ = [f"{k} (file {saved.get(k)!r}, this run {arch[k]!r})" for k in ARCHITECTURE
+                  if k in saved and saved[k] != arch[k]]
+        if differ:
+            raise data.UserError(f"{path}: another architecture than this run's: "
+                                 + ", ".join(differ) + "; give the file's flags")
+        return state["ema"] or state["model"], saved["num_classes"]
+    classes = evaluate.load_foreign(evaluate.released_config, path, state)["num_classes"]
+    source = Detector(classes, **arch)             # the authors' file, through the key map
+    evaluate.load_foreign(load_released, path, source, state, path)
+    return source.state_dict(), classes
+
+
+def start_from_detector(model: Detector, cfg: Config) -> None:
+    """--weights: every tensor of the file; the class rows of the prediction convs are
+    re-initialised when the class count differs (head.transfer_weights), with a report."""
+    arch = {k: getattr(cfg, k) for k in ARCHITECTURE}
+    state, classes = detector_weights(cfg, arch)
+    report = evaluate.load_foreign(transfer_weights, cfg.weights, model, state, cfg.weights)
+    fresh = report["reinitialised"]
+    print(f"--weights {cfg.weights}: loaded {len(report['loaded'])} tensors"
+          + (f"; {len(fresh)} prediction convs keep their box and objectness rows, their class "
+             f"rows are new for {model.num_classes} classes (the file has {classes})" if fresh
+             else f" (the file has the same {classes} classes)"), flush=True)
 
 
 def amp_dtype_for(cfg: Config, device: torch.device) -> torch.dtype | None:
