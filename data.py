@@ -5,8 +5,9 @@ Public entry points:
     MEAN, STD                    ImageNet mean / std (RGB), what the released checkpoints expect
     normalize(image, size)       uint8 (H, W, 3) RGB -> (3, size, size) float, plain bilinear resize
     CocoDetection(image_dir, ann_file, include_crowd=False, require_annotations=True)
-        .coco (pycocotools), .cat_ids (sorted JSON ids; class k <-> cat_ids[k]), .cat_to_class,
-        .class_names, .ids (image ids), load_image(i) -> (uint8 (H, W, 3) RGB, image_id),
+        .coco (pycocotools, over the boxes kept), .cat_ids (sorted JSON ids; class k <->
+        cat_ids[k]), .cat_to_class, .class_names, .ids (image ids),
+        load_image(i) -> (uint8 (H, W, 3) RGB, image_id),
         load_targets(i) -> float32 (N, 5) [class, x1, y1, x2, y2] in image pixels
     make_synthetic(root=None, n_train=1024, n_val=64, image_size=192, seed=0) -> dict of paths
         (train_images, train_json, val_images, val_json), generated once into a cache folder
@@ -56,22 +57,34 @@ un-augmented image and all its boxes are used (as released). Departures, each fo
 - crowd boxes are left out by default (include_crowd=True trains on them, as released);
 - targets are a list of (N, 6) tensors, not padded to 50 rows.
 
-Bad input - found at start-up when it can be, and never a crash in the middle of an epoch:
+Bad input - found at start-up when it can be, and never a crash in the middle of an epoch.
+Every annotation file is checked entry by entry before pycocotools sees it (FIELDS: the keys and
+types each entry needs); each problem is a DataError naming the file, the entry (`images[3]
+(id 7)`) and the field. `.coco`, what COCOeval scores against, is built from what was kept:
 | problem                                    | found    | what happens                           |
 |--------------------------------------------|----------|----------------------------------------|
-| annotation file not valid JSON             | start-up | DataError: file, line and column       |
-| no images / categories / annotations list  | start-up | DataError naming the key (annotations  |
-|                                            |          | optional: require_annotations=False)   |
-| image entry without id/file_name/size      | start-up | DataError naming the entry             |
-| annotation on an image id not in images    | start-up | DataError: file, annotation id         |
-| category id not in categories              | start-up | DataError: file, annotation id, the id |
-| bbox not 4 finite numbers                  | start-up | DataError: file, annotation id         |
-| box with zero or negative width/height     | start-up | skipped; one warning with the count    |
-|                                            |          | and the first annotation ids           |
-| box wholly outside its image               | start-up | skipped; counted warning               |
-| box partly outside its image               | start-up | clipped to the image; counted warning  |
-| image file missing                         | start-up | FileNotFoundError: count, first file,  |
-|                                            |          | image id (usually a wrong image_dir)   |
+| file missing, unreadable, empty, not UTF-8 | start-up | DataError: file and reason (JSON: line |
+| or not valid JSON                          |          | and column)                            |
+| top level not an object; no images /       | start-up | DataError naming the key (annotations  |
+| categories / annotations list; images or   |          | optional: require_annotations=False)   |
+| categories empty                           |          |                                        |
+| entry not an object, or a FIELDS key       | start-up | DataError: file, entry, key (and the   |
+| missing or of the wrong type / range (true |          | value as the file has it)              |
+| is not a number; NaN, inf; size <= 0)      |          |                                        |
+| duplicate id (images, categories,          | start-up | DataError: file, both entries          |
+| annotations) or category name              |          |                                        |
+| annotation on an unknown image / category  | start-up | DataError: file, entry and the id      |
+| kept box with a negative area              | start-up | DataError: file, entry                 |
+| box with zero or negative width/height     | start-up | skipped, for training and in .coco;    |
+|                                            |          | one warning: count, first annotation id|
+| box wholly outside its image               | start-up | skipped, for training and in .coco;    |
+|                                            |          | counted warning                        |
+| box partly outside its image               | start-up | clipped, for training and in .coco;    |
+|                                            |          | counted warning                        |
+| crowd box (iscrowd 1)                      | -        | not trained on (include_crowd=True     |
+|                                            |          | does); in .coco as COCO's ignore region|
+| image file missing                         | start-up | DataError: count, first file, image id |
+|                                            |          | (usually a wrong image_dir)            |
 | corrupt or truncated image, or decoded     | loading  | load_image: DataError naming the file; |
 | size unlike the JSON's width/height        |          | TrainDataset warns (running count) and |
 |                                            |          | trains on the next image instead       |
@@ -129,30 +142,141 @@ def exit_on_user_error(main, argv: list[str] | None = None):
 
 
 # ----------------------------------------------------------------------------------------------
-# Reading COCO-format data
+# Reading COCO-format data. Every file is checked here, entry by entry, before pycocotools sees
+# it: pycocotools indexes by id and image_id (a bare KeyError when one is missing) and trusts
+# every number (a TypeError, or a silently wrong AP, later). Each problem is a DataError naming
+# the file, the entry (its place in the list and its id) and the field.
 
 
-def _read_json(ann_file: str, require_annotations: bool) -> dict:
-    """Load and check the structure of a COCO-format file; every message names the file."""
+def _number(v) -> bool:
+    """A finite JSON number. true and false are not numbers here, though Python's bool is an int."""
+    return type(v) in (int, float) and abs(v) < 1e30  # NaN fails the comparison, as inf does
+
+
+def _side(v) -> bool:
+    """A whole number of pixels > 0 (640 or 640.0)."""
+    return type(v) in (int, float) and 0 < v < 2**31 and v == int(v)
+
+
+def _id(v) -> bool:
+    """An integer that numpy's int64, and so COCOeval, can hold."""
+    return type(v) is int and -(2**63) <= v < 2**63
+
+
+def _text(v) -> bool:
+    return type(v) is str and v.strip() != ""
+
+
+def _box(v) -> bool:
+    return type(v) is list and len(v) == 4 and all(_number(c) for c in v)
+
+
+# Per list: (required fields, optional fields), each field: (test, what it must be)
+FIELDS = {
+    "images": ({"id": (_id, "an integer"), "file_name": (_text, "a non-empty string"),
+                "width": (_side, "a whole number of pixels > 0"),
+                "height": (_side, "a whole number of pixels > 0")}, {}),
+    "categories": ({"id": (_id, "an integer"), "name": (_text, "a non-empty string")}, {}),
+    "annotations": ({"id": (_id, "an integer"), "image_id": (_id, "an integer"),
+                     "category_id": (_id, "an integer"),
+                     "bbox": (_box, "4 finite numbers [x, y, w, h]")},
+                    {"iscrowd": (lambda v: type(v) in (int, float) and v in (0, 1), "0 or 1"),
+                     "area": (_number, "a finite number")}),  # >= 0 if the box is kept
+}
+JSON_TYPES = {dict: "an object", list: "a list", str: "a string", int: "a number",
+              float: "a number", bool: "true/false", type(None): "null"}
+
+
+def _shown(value) -> str:
+    """A value as the file has it (null, true, "640", NaN), cut to 60 characters."""
     try:
-        with open(ann_file, encoding="utf-8") as f:
-            data = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        text = json.dumps(value)
+    except RecursionError:  # nested deeper than json.dumps goes: name its type only
+        return JSON_TYPES[type(value)]
+    return text if len(text) <= 60 else text[:56] + " ..."
+
+
+def _entry(ann_file: str, key: str, position: int, entry) -> str:
+    """Where an entry is: 'file: annotations[12] (id 7)', with the id when it is a usable one."""
+    has_id = type(entry) is dict and _id(entry.get("id"))
+    return f"{ann_file}: {key}[{position}]" + (f" (id {entry['id']})" if has_id else "")
+
+
+def _check_entries(ann_file: str, key: str, entries: list) -> dict:
+    """Each entry of the list an object with the FIELDS of its kind, ids unique -> {id: entry}."""
+    required, optional = FIELDS[key]
+
+    def wrong(position, entry, field, wanted):
+        return DataError(f"{_entry(ann_file, key, position, entry)}: '{field}' is "
+                         f"{_shown(entry[field])}, not {wanted}")
+
+    by_id = {}
+    for position, entry in enumerate(entries):
+        if type(entry) is not dict:
+            raise DataError(f"{_entry(ann_file, key, position, entry)} is {_shown(entry)}, not "
+                            f"an object with {', '.join(required)}")
+        for field, (test, wanted) in required.items():
+            if field not in entry:
+                raise DataError(f"{_entry(ann_file, key, position, entry)}: '{field}' is missing "
+                                f"(each entry of '{key}' needs {', '.join(required)})")
+            if not test(entry[field]):
+                raise wrong(position, entry, field, wanted)
+        for field, (test, wanted) in optional.items():
+            if field in entry and not test(entry[field]):
+                raise wrong(position, entry, field, wanted)
+        if by_id.setdefault(entry["id"], entry) is not entry:
+            first = next(i for i, e in enumerate(entries) if e["id"] == entry["id"])
+            raise DataError(f"{_entry(ann_file, key, position, entry)}: duplicate id "
+                            f"{entry['id']}, also {key}[{first}]'s; ids must be unique")
+    return by_id
+
+
+def _load_json(ann_file: str):
+    """The parsed file; DataError naming it when it cannot be read or is not JSON."""
+    try:
+        with open(ann_file, encoding="utf-8-sig") as f:  # -sig: a byte-order mark is harmless
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise DataError(f"{ann_file}: not UTF-8 text (byte {e.start}); a COCO annotation file "
+                        "is UTF-8 JSON") from e
+    except OSError as e:
+        raise DataError(f"{ann_file}: cannot read the annotation file ({e.strerror or e})") from e
+    if not text.strip():
+        raise DataError(f"{ann_file}: the file is empty; expected COCO-format JSON")
+    try:
+        return json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as e:
         raise DataError(f"{ann_file}: not valid JSON ({e})") from e
-    keys = ("images", "categories") + (("annotations",) if require_annotations else ())
+
+
+def _read_json(ann_file: str, require_annotations: bool) -> tuple[dict, dict]:
+    """Load a COCO-format file and check all of it but what annotations refer to (that is
+    _check_annotation's): (the data, {image id: image entry})."""
+    data = _load_json(ann_file)
+    if type(data) is not dict:
+        raise DataError(f"{ann_file}: the top level is {JSON_TYPES[type(data)]}, not an object "
+                        "with 'images', 'annotations' and 'categories' lists; is this a "
+                        "COCO-format annotation file?")
+    keys = ["images", "categories"]
+    if require_annotations or "annotations" in data:  # optional: COCO test-dev's has none
+        keys.append("annotations")
     for key in keys:
-        if not isinstance(data, dict) or not isinstance(data.get(key), list):
-            raise DataError(f"{ann_file}: no '{key}' list; is this a COCO-format annotation file?")
-    for what, entries, keys in (("image", data["images"], ("id", "file_name", "width", "height")),
-                                ("category", data["categories"], ("id",))):
-        for entry in entries:
-            if not (isinstance(entry, dict) and all(k in entry for k in keys)):
-                raise DataError(f"{ann_file}: {what} entry {entry} lacks one of {keys}")
-    for what, entries in (("image", data["images"]), ("category", data["categories"])):
-        ids = [e["id"] for e in entries]
-        if len(set(ids)) != len(ids):
-            raise DataError(f"{ann_file}: duplicate {what} ids")
-    return data
+        if type(data.get(key)) is not list:
+            found = f" ('{key}' is {_shown(data[key])})" if key in data else ""
+            raise DataError(f"{ann_file}: no '{key}' list{found}; is this a COCO-format "
+                            "annotation file?")
+        if not data[key] and key != "annotations":  # no objects at all is valid, if useless
+            raise DataError(f"{ann_file}: the '{key}' list is empty")
+    images = _check_entries(ann_file, "images", data["images"])
+    _check_entries(ann_file, "categories", data["categories"])
+    names = {}
+    for position, category in enumerate(data["categories"]):
+        first = names.setdefault(category["name"], position)
+        if first != position:  # two classes one name: pictures and category checks would lie
+            raise DataError(f"{_entry(ann_file, 'categories', position, category)}: duplicate "
+                            f"name {_shown(category['name'])}, also categories[{first}]'s")
+    _check_entries(ann_file, "annotations", data.get("annotations", []))
+    return data, images
 
 
 def _coco_api(data: dict) -> COCO:
@@ -164,46 +288,53 @@ def _coco_api(data: dict) -> COCO:
     return coco
 
 
-def _check_annotation(ann: dict, images: dict, cat_to_class: dict, ann_file: str):
-    """Raise on what makes the file wrong as a whole: the id says where to look."""
-    where = f"{ann_file}: annotation {ann.get('id')}"
-    if ann.get("image_id") not in images:
-        raise DataError(f"{where} refers to image_id {ann.get('image_id')}, not in 'images'")
-    if ann.get("category_id") not in cat_to_class:
-        raise DataError(f"{where} has category_id {ann.get('category_id')}, not in 'categories'")
-    box = ann.get("bbox")
-    if not (isinstance(box, list) and len(box) == 4
-            and all(isinstance(v, int | float) and math.isfinite(v) for v in box)):
-        raise DataError(f"{where} has bbox {box}, not 4 finite numbers [x, y, w, h]")
+def _check_annotation(ann: dict, position: int, images: dict, cat_to_class: dict,
+                      ann_file: str) -> None:
+    """The image and the category an annotation refers to exist."""
+    for field, known, where in (("image_id", images, "images"),
+                                ("category_id", cat_to_class, "categories")):
+        if ann[field] not in known:
+            raise DataError(f"{_entry(ann_file, 'annotations', position, ann)}: {field} "
+                            f"{ann[field]} is not in '{where}'")
 
 
-def _annotation_rows(data: dict, ann_file: str, cat_to_class: dict, include_crowd: bool):
-    """Per image, the training rows [class, x1, y1, x2, y2]; bad boxes skipped or clipped, with
-    one counted warning per kind of problem."""
-    images = {image["id"]: image for image in data["images"]}
+def _annotation_rows(data: dict, images: dict, ann_file: str, cat_to_class: dict,
+                     include_crowd: bool):
+    """Per image, the training rows [class, x1, y1, x2, y2]; and the annotations COCOeval scores
+    against: the same boxes, crowd ones included (COCO's ignore regions). A box of zero or
+    negative size or wholly outside its image is skipped for both, one partly outside is
+    clipped for both; one counted warning per kind of problem."""
     rows = {image_id: [] for image_id in images}
+    kept = []
     problems = {"zero or negative width/height, skipped": [], "outside the image, skipped": [],
                 "partly outside the image, clipped": []}
-    for ann in data.get("annotations", []):
-        _check_annotation(ann, images, cat_to_class, ann_file)
-        if ann.get("iscrowd", 0) and not include_crowd:
-            continue
-        x, y, w, h = ann["bbox"]
+    for position, ann in enumerate(data.get("annotations", [])):
+        _check_annotation(ann, position, images, cat_to_class, ann_file)
+        x, y, w, h = box = ann["bbox"]
         W, H = images[ann["image_id"]]["width"], images[ann["image_id"]]["height"]
         x1, y1, x2, y2 = max(x, 0), max(y, 0), min(x + w, W), min(y + h, H)
         if w <= 0 or h <= 0:
-            problems["zero or negative width/height, skipped"].append(ann.get("id"))
-        elif x2 <= x1 or y2 <= y1:
-            problems["outside the image, skipped"].append(ann.get("id"))
-        else:
-            if (x1, y1, x2, y2) != (x, y, x + w, y + h):
-                problems["partly outside the image, clipped"].append(ann.get("id"))
+            problems["zero or negative width/height, skipped"].append(ann["id"])
+            continue
+        if x2 <= x1 or y2 <= y1:
+            problems["outside the image, skipped"].append(ann["id"])
+            continue
+        if (x1, y1, x2, y2) != (x, y, x + w, y + h):
+            problems["partly outside the image, clipped"].append(ann["id"])
+            box = [x1, y1, x2 - x1, y2 - y1]
+        area, crowd = ann.get("area", box[2] * box[3]), int(ann.get("iscrowd", 0))
+        if area < 0:  # COCOeval would silently ignore the box (outside every area range)
+            raise DataError(f"{_entry(ann_file, 'annotations', position, ann)}: 'area' is "
+                            f"{_shown(area)}, not >= 0")
+        kept.append({"id": ann["id"], "image_id": ann["image_id"], "bbox": box, "area": area,
+                     "category_id": ann["category_id"], "iscrowd": crowd})
+        if include_crowd or not crowd:
             rows[ann["image_id"]].append((cat_to_class[ann["category_id"]], x1, y1, x2, y2))
     for problem, ids in problems.items():
         if ids:
             warnings.warn(f"{ann_file}: {len(ids)} box(es) {problem}; annotation ids {ids[:5]}"
                           + (" ..." if len(ids) > 5 else ""), stacklevel=3)
-    return [rows[image["id"]] for image in data["images"]]
+    return [rows[image["id"]] for image in data["images"]], kept
 
 
 def open_rgb(path: str) -> Image.Image:
@@ -226,15 +357,20 @@ class CocoDetection:
 
     def __init__(self, image_dir: str, ann_file: str, include_crowd: bool = False,
                  require_annotations: bool = True):
-        data = _read_json(ann_file, require_annotations)
+        data, images = _read_json(ann_file, require_annotations)
         self.ann_file = str(ann_file)
-        self.coco = _coco_api(data)  # the file as it is, for COCOeval
         self.cat_ids = sorted(c["id"] for c in data["categories"])  # class k <-> cat_ids[k]
         self.cat_to_class = {cat_id: k for k, cat_id in enumerate(self.cat_ids)}
-        names = {c["id"]: c.get("name", str(c["id"])) for c in data["categories"]}
+        names = {c["id"]: c["name"] for c in data["categories"]}
         self.class_names = [names[cat_id] for cat_id in self.cat_ids]
         self.ids = [image["id"] for image in data["images"]]
-        rows = _annotation_rows(data, ann_file, self.cat_to_class, include_crowd)
+        rows, kept = _annotation_rows(data, images, ann_file, self.cat_to_class, include_crowd)
+        # COCOeval scores against exactly what was kept here: the file's boxes less the skipped
+        # ones, clipped where clipped (not the file as it is)
+        ground_truth = {k: v for k, v in data.items() if k != "annotations"}
+        if "annotations" in data:
+            ground_truth["annotations"] = kept
+        self.coco = _coco_api(ground_truth)
         # Per-sample data lives in numpy arrays, not lists of Python objects, so that forked
         # DataLoader workers do not copy it page by page through reference counts.
         self._files = np.array([os.path.join(image_dir, im["file_name"]) for im in data["images"]])
@@ -247,7 +383,7 @@ class CocoDetection:
         missing = [i for i, path in enumerate(self._files) if not os.path.isfile(path)]
         if missing:
             i = missing[0]
-            raise FileNotFoundError(
+            raise DataError(
                 f"{self.ann_file}: {len(missing)} of {len(self)} image files are missing under "
                 f"{image_dir}, e.g. {self._files[i]} (image id {self.ids[i]}); wrong folder?")
 

@@ -14,7 +14,10 @@ Public entry points:
     to_coco_results(dets, image_ids, cat_ids) -> COCO results list ([x, y, w, h], real ids)
     coco_score(coco_gt, results, image_ids) -> {"AP", "AP50", ..., "ARl"} (pycocotools COCOeval)
     evaluate(model, dataset, size=608, ...) -> dict of floats; sharded over torch.distributed
-        ranks when a process group is up (train.py calls it)
+        ranks when a process group is up (train.py calls it); scores against dataset.coco,
+        which data.CocoDetection builds from the boxes it kept
+    check_classes(model, dataset, weights) -> DataError unless model.num_classes equals the
+        data set's category count (evaluate and the command line call it first)
     load_model(weights, **config) -> Detector from our checkpoint, a released one or darknet's
     benchmark(...) -> the Tables 3-4 speed figures: baseline / sum / concat / ASFF / ASFF*
         forwards timed in interleaved rounds (so their ratio is fair), plain and conv+BN
@@ -335,6 +338,19 @@ def _progress(total: int, world: int, verbose: bool):
     return step
 
 
+def check_classes(model, dataset, weights: str | None = None) -> None:
+    """The model's class k is the data set's category cat_ids[k]: a model of another class
+    count is refused before any image is run (with fewer classes some categories could never be
+    detected, with more the extra ones have no category id)."""
+    classes = getattr(model, "num_classes", None)
+    if classes is not None and classes != len(dataset.cat_ids):
+        from data import DataError
+        raise DataError(f"{weights or 'the model'}: {classes} classes, but "
+                        f"{getattr(dataset, 'ann_file', 'the data set')} has "
+                        f"{len(dataset.cat_ids)} categories; evaluate a model on the categories "
+                        "it was trained on")
+
+
 def evaluate(model, dataset, size: int = 608, conf_thre: float = CONF_THRE,
              nms_thre: float = NMS_THRE, max_det: int = MAX_DET, multi_label: bool = False,
              letterbox: bool = False, batch_size: int = 8, limit: int | None = None,
@@ -350,6 +366,7 @@ def evaluate(model, dataset, size: int = 608, conf_thre: float = CONF_THRE,
     darknet_input: preprocess as darknet does (pixels / 255, for darknet's yolov3.weights).
     `out` (rank 0): metrics.json and the results JSON; test_dev writes only the results file.
     """
+    check_classes(model, dataset)
     rank, world = _rank_world()
     start, n = time.time(), len(dataset) if limit is None else min(limit, len(dataset))
     post = dict(conf_thre=conf_thre, nms_thre=nms_thre, max_det=max_det, multi_label=multi_label)
@@ -1085,6 +1102,9 @@ def main(argv: list[str] | None = None) -> None:
         _demo()
         return
     args = parser.parse_args(argv)
+    if bool(args.images) != bool(args.ann):   # file names are relative to the image folder
+        parser.error("--images and --ann go together: a custom set is an image folder and its "
+                     "COCO-format annotation JSON")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.speed:
@@ -1104,8 +1124,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.show is not None:
         return _show_cli(args, model)
     dataset = open_dataset(args)
-    evaluate(model, dataset, args.size, _conf(args, CONF_THRE), args.nms, args.max_det, args.multi_label,
-             args.letterbox, args.batch, args.limit, args.test_dev, args.out,
+    check_classes(model, dataset, args.weights or f"random weights (--num-classes "
+                                                  f"{args.num_classes})")
+    evaluate(model, dataset, args.size, _conf(args, CONF_THRE), args.nms, args.max_det,
+             args.multi_label, args.letterbox, args.batch, args.limit, args.test_dev, args.out,
              torch.float16 if args.half else None, darknet_input=args.darknet_input)
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -316,8 +316,48 @@ def open_data(cfg: Config, world: int, master: bool):
         paths = data.make_synthetic(n_train=cfg.synthetic_train, n_val=cfg.synthetic_val)
         if world > 1 and master:
             dist.barrier()
-    return (data.CocoDetection(paths["train_images"], paths["train_json"], cfg.include_crowd),
-            data.CocoDetection(paths["val_images"], paths["val_json"]))
+    train_data = data.CocoDetection(paths["train_images"], paths["train_json"], cfg.include_crowd)
+    val_data = data.CocoDetection(paths["val_images"], paths["val_json"])
+    check_data(train_data, val_data, cfg.batch_size * cfg.accumulate * world)
+    return train_data, val_data
+
+
+def check_data(train_data, val_data, per_step: int) -> None:
+    """Before any training: at least one optimizer step of training images (per_step = batch x
+    accumulate x processes), and the validation categories the training ones (class k is the
+    k-th smallest category id in both: evaluation maps classes back through the validation's)."""
+    if len(train_data) < per_step:
+        raise data.DataError(f"{train_data.ann_file}: {len(train_data)} training image(s), fewer "
+                             f"than one optimizer step takes ({per_step} = batch size x "
+                             "accumulate x processes); lower --batch-size or --accumulate")
+    train = dict(zip(train_data.cat_ids, train_data.class_names, strict=True))
+    val = dict(zip(val_data.cat_ids, val_data.class_names, strict=True))
+    if train != val:
+        only_val, only_train = sorted(val.keys() - train.keys()), sorted(train.keys() - val.keys())
+        differences = [f"only in {split}: {_category_list(names, ids)}" for split, names, ids in
+                       (("validation", val, only_val), ("training", train, only_train)) if ids]
+        differences += [f"id {i} is {val[i]!r} in validation, {train[i]!r} in training"
+                        for i in sorted(val.keys() & train.keys()) if val[i] != train[i]][:5]
+        raise data.DataError(f"{val_data.ann_file}: the categories are not those of "
+                             f"{train_data.ann_file}: {'; '.join(differences)}")
+
+
+def _category_list(names: dict, ids: list) -> str:
+    """The first five of ids with their names: 3 'cat', 7 'dog'."""
+    return ", ".join(f"{i} {names[i]!r}" for i in ids[:5]) + (" ..." if len(ids) > 5 else "")
+
+
+def demo_image(val_data, say, tries: int = 10):
+    """The validation image of figure3_demo.png, uint8 (H, W, 3): the first with 3-5 objects
+    (else the first); an unreadable one is skipped, saying so. None if `tries` all fail."""
+    counts = [len(val_data.load_targets(i)) for i in range(len(val_data))]
+    order = sorted(range(len(val_data)), key=lambda i: not 3 <= counts[i] <= 5)   # stable
+    for index in order[:tries]:
+        try:
+            return val_data.load_image(index)[0]
+        except data.DataError as e:
+            say(f"figure3_demo.png: skipped an unreadable validation image: {e}")
+    return None
 
 
 def build_model(cfg: Config, num_classes: int) -> Detector:
@@ -729,12 +769,13 @@ def run(cfg: Config, rank: int, world: int, device: torch.device, stop: dict) ->
             "iterations": iteration, "epochs": epoch + batch_in_epoch / steps_per_epoch,
             "eval_size": cfg.eval_size, "world_size": world}
         (out / "metrics.json").write_text(json.dumps(summary, indent=1))
-        index = next((i for i in range(len(val_data)) if 3 <= len(val_data.load_targets(i)) <= 5), 0)
-        image, _ = val_data.load_image(index)            # the first with a few objects
-        evaluate.show(eval_model, image, str(out), cfg.eval_size, val_data.class_names,
-                      conf_thre=0.2, name="demo")
+        image = demo_image(val_data, say)               # the first with a few objects
+        if image is not None:
+            evaluate.show(eval_model, image, str(out), cfg.eval_size, val_data.class_names,
+                          conf_thre=0.2, name="demo")
         say(f"done in {summary['wall_time_s'] / 60:.1f} min: AP {summary['AP']:.3f}, AP50 "
-            f"{summary['AP50']:.3f}; wrote {out}/metrics.json, last.pt, best.pt, figure3_demo.png")
+            f"{summary['AP50']:.3f}; wrote {out}/metrics.json, last.pt, best.pt"
+            + (", figure3_demo.png" if image is not None else " (no readable image to draw)"))
     return model
 
 

@@ -6,6 +6,7 @@ import contextlib
 import io
 import json
 import random
+import re
 import warnings
 
 import numpy as np
@@ -376,7 +377,7 @@ def test_synthetic_shapes_fill_exactly_their_boxes(shape):
 def test_missing_image_file_fails_at_start_naming_it(tmp_path):
     folder, ann = write_coco(tmp_path, [("here.png", Image.new("RGB", (8, 8)), (8, 8)),
                                         ("gone.png", None, (8, 8))], [])
-    with pytest.raises(FileNotFoundError, match=r"1 of 2 .*gone\.png \(image id 2\)"):
+    with pytest.raises(DataError, match=r"ann\.json: 1 of 2 .*gone\.png \(image id 2\)"):
         CocoDetection(folder, ann)
 
 
@@ -456,7 +457,8 @@ def test_zero_negative_and_outside_boxes_are_skipped_or_clipped_with_counts(tmp_
 def test_unknown_category_raises_naming_file_and_annotation(tmp_path):
     folder, ann = write_coco(tmp_path, [("a.png", Image.new("RGB", (9, 9)), (9, 9))],
                              [(1, 1, 1, (1, 1, 2, 2)), (7, 1, 99, (1, 1, 2, 2))])
-    with pytest.raises(DataError, match=r"ann\.json: annotation 7 has category_id 99"):
+    with pytest.raises(DataError, match=r"ann\.json: annotations\[1\] \(id 7\): category_id 99 is "
+                                        "not in 'categories'"):
         CocoDetection(folder, ann)
 
 
@@ -464,8 +466,10 @@ def test_bad_annotation_files_raise_naming_the_problem(tmp_path):
     (tmp_path / "broken.json").write_text('{"images": [}')
     with pytest.raises(DataError, match=r"broken\.json: not valid JSON"):
         CocoDetection(str(tmp_path), str(tmp_path / "broken.json"))
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
     for key in ("images", "annotations"):
-        content = {"images": [], "annotations": [], "categories": []}
+        content = {"images": [{"id": 1, "file_name": "a.png", "width": 8, "height": 8}],
+                   "annotations": [], "categories": [{"id": 1, "name": "thing"}]}
         del content[key]
         (tmp_path / "part.json").write_text(json.dumps(content))
         with pytest.raises(DataError, match=rf"part\.json: no '{key}' list"):
@@ -482,3 +486,199 @@ def test_image_without_objects_is_valid_training_data(tmp_path):
     assert image.shape == (3, 32, 32) and target.shape == (0, 6)
     images, targets = resize_batch(*collate([ds[0], ds[0]]), 64)
     assert images.shape == (2, 3, 64, 64) and targets[0].shape == (0, 6)
+
+
+# ---- every annotation file checked before pycocotools sees it --------------------------------
+
+DELETE = object()
+
+
+def valid_file(folder):
+    """Two 40x30 images (written), two categories, three boxes: a file every check accepts."""
+    for name in ("a.png", "b.png"):
+        Image.new("RGB", (40, 30)).save(folder / name)
+    return {"images": [{"id": 1, "file_name": "a.png", "width": 40, "height": 30},
+                       {"id": 2, "file_name": "b.png", "width": 40, "height": 30}],
+            "categories": [{"id": 1, "name": "cat"}, {"id": 2, "name": "dog"}],
+            "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [1, 2, 10, 8],
+                             "area": 80, "iscrowd": 0},
+                            {"id": 2, "image_id": 2, "category_id": 2, "bbox": [5, 5, 20, 20],
+                             "area": 400, "iscrowd": 0},
+                            {"id": 3, "image_id": 2, "category_id": 1, "bbox": [0, 0, 4, 4],
+                             "area": 16, "iscrowd": 0}]}
+
+
+def changed(content, path, value):
+    """content with the value at path (keys and list positions) replaced, or deleted."""
+    content = json.loads(json.dumps(content))
+    *parents, last = path
+    owner = content
+    for key in parents:
+        owner = owner[key]
+    if value is DELETE:
+        del owner[last]
+    else:
+        owner[last] = value
+    return content
+
+
+NAN, INF = float("nan"), float("inf")
+BROKEN = [  # (case, path, new value, what the message must say after "file: ")
+    ("images missing", ("images",), DELETE, r"no 'images' list"),
+    ("images null", ("images",), None, r"no 'images' list \('images' is null\)"),
+    ("categories a dict", ("categories",), {"1": "cat"}, r"no 'categories' list"),
+    ("annotations a string", ("annotations",), "none", r"no 'annotations' list"),
+    ("no images", ("images",), [], r"the 'images' list is empty"),
+    ("no categories", ("categories",), [], r"the 'categories' list is empty"),
+    ("image a string", ("images", 1), "b.png", r'images\[1\] is "b.png", not an object'),
+    ("image null", ("images", 0), None, r"images\[0\] is null, not an object"),
+    ("image without id", ("images", 0, "id"), DELETE, r"images\[0\]: 'id' is missing"),
+    ("image without file_name", ("images", 1, "file_name"), DELETE,
+     r"images\[1\] \(id 2\): 'file_name' is missing"),
+    ("image without width", ("images", 0, "width"), DELETE, r"images\[0\] \(id 1\): 'width' is"
+                                                             " missing"),
+    ("image without height", ("images", 0, "height"), DELETE, r"\(id 1\): 'height' is missing"),
+    ("image id a string", ("images", 0, "id"), "1", r"images\[0\]: 'id' is \"1\", not an int"),
+    ("image id a float", ("images", 0, "id"), 1.0, r"images\[0\]: 'id' is 1.0, not an integer"),
+    ("image id a bool", ("images", 0, "id"), True, r"images\[0\]: 'id' is true, not an integer"),
+    ("image id too large", ("images", 0, "id"), 2**64, r"images\[0\]: 'id' is 1844"),
+    ("width a string", ("images", 1, "width"), "40", r"images\[1\] \(id 2\): 'width' is \"40\", "
+                                                     r"not a whole number of pixels > 0"),
+    ("width a bool", ("images", 1, "width"), True, r"\(id 2\): 'width' is true, not a whole"),
+    ("width null", ("images", 1, "width"), None, r"\(id 2\): 'width' is null"),
+    ("width a list", ("images", 1, "width"), [40], r"\(id 2\): 'width' is \[40\]"),
+    ("width NaN", ("images", 1, "width"), NAN, r"\(id 2\): 'width' is NaN"),
+    ("height inf", ("images", 1, "height"), INF, r"\(id 2\): 'height' is Infinity"),
+    ("width zero", ("images", 0, "width"), 0, r"\(id 1\): 'width' is 0, not a whole number"),
+    ("height negative", ("images", 0, "height"), -30, r"\(id 1\): 'height' is -30"),
+    ("width fractional", ("images", 0, "width"), 40.5, r"\(id 1\): 'width' is 40.5"),
+    ("file_name a number", ("images", 0, "file_name"), 7, r"'file_name' is 7, not a non-empty"),
+    ("file_name empty", ("images", 0, "file_name"), "", r"'file_name' is \"\", not a non-empty"),
+    ("duplicate image id", ("images", 1, "id"), 1, r"images\[1\] \(id 1\): duplicate id 1, also "
+                                                   r"images\[0\]'s"),
+    ("category a list", ("categories", 0), [1, "cat"], r"categories\[0\] is \[1, \"cat\"\]"),
+    ("category without id", ("categories", 1, "id"), DELETE, r"categories\[1\]: 'id' is missing"),
+    ("category without name", ("categories", 1, "name"), DELETE,
+     r"categories\[1\] \(id 2\): 'name' is missing"),
+    ("category name null", ("categories", 0, "name"), None, r"\(id 1\): 'name' is null"),
+    ("category id a string", ("categories", 0, "id"), "cat", r"categories\[0\]: 'id' is \"cat\""),
+    ("duplicate category id", ("categories", 1, "id"), 1, r"categories\[1\] \(id 1\): duplicate "
+                                                          r"id 1, also categories\[0\]'s"),
+    ("duplicate category name", ("categories", 1, "name"), "cat",
+     r"categories\[1\] \(id 2\): duplicate name \"cat\", also categories\[0\]'s"),
+    ("annotation null", ("annotations", 2), None, r"annotations\[2\] is null, not an object"),
+    ("annotation without id", ("annotations", 1, "id"), DELETE,
+     r"annotations\[1\]: 'id' is missing"),
+    ("annotation without image_id", ("annotations", 1, "image_id"), DELETE,
+     r"annotations\[1\] \(id 2\): 'image_id' is missing"),
+    ("annotation without category_id", ("annotations", 1, "category_id"), DELETE,
+     r"annotations\[1\] \(id 2\): 'category_id' is missing"),
+    ("annotation without bbox", ("annotations", 0, "bbox"), DELETE,
+     r"annotations\[0\] \(id 1\): 'bbox' is missing"),
+    ("annotation id a string", ("annotations", 0, "id"), "a1", r"annotations\[0\]: 'id' is \"a1\""),
+    ("annotation id a bool", ("annotations", 0, "id"), False, r"annotations\[0\]: 'id' is false"),
+    ("image_id fractional", ("annotations", 0, "image_id"), 1.5, r"'image_id' is 1.5, not an int"),
+    ("category_id null", ("annotations", 0, "category_id"), None, r"'category_id' is null"),
+    ("duplicate annotation id", ("annotations", 2, "id"), 1,
+     r"annotations\[2\] \(id 1\): duplicate id 1, also annotations\[0\]'s"),
+    ("bbox of 3", ("annotations", 1, "bbox"), [5, 5, 20], r"\(id 2\): 'bbox' is \[5, 5, 20\], not"
+                                                         r" 4 finite numbers"),
+    ("bbox of 5", ("annotations", 1, "bbox"), [5, 5, 20, 20, 1], r"'bbox' is \[5, 5, 20, 20, 1\]"),
+    ("bbox with a string", ("annotations", 1, "bbox"), [5, "5", 20, 20], r"'bbox' is \[5, \"5\""),
+    ("bbox with a bool", ("annotations", 1, "bbox"), [5, 5, True, 20], r"'bbox' is \[5, 5, true"),
+    ("bbox with null", ("annotations", 1, "bbox"), [5, None, 20, 20], r"'bbox' is \[5, null"),
+    ("bbox with NaN", ("annotations", 1, "bbox"), [5, 5, NAN, 20], r"'bbox' is \[5, 5, NaN"),
+    ("bbox with inf", ("annotations", 1, "bbox"), [5, 5, 20, -INF], r"'bbox' is .*-Infinity\]"),
+    ("bbox too large", ("annotations", 1, "bbox"), [5, 5, 10**40, 20], r"'bbox' is \[5, 5, 1000"),
+    ("bbox a string", ("annotations", 1, "bbox"), "5,5,20,20", r"'bbox' is \"5,5,20,20\""),
+    ("bbox a dict", ("annotations", 1, "bbox"), {"x": 5}, r"'bbox' is \{\"x\": 5\}"),
+    ("iscrowd 2", ("annotations", 0, "iscrowd"), 2, r"\(id 1\): 'iscrowd' is 2, not 0 or 1"),
+    ("iscrowd a bool", ("annotations", 0, "iscrowd"), True, r"'iscrowd' is true, not 0 or 1"),
+    ("iscrowd a string", ("annotations", 0, "iscrowd"), "0", r"'iscrowd' is \"0\", not 0 or 1"),
+    ("iscrowd a half", ("annotations", 0, "iscrowd"), 0.5, r"'iscrowd' is 0.5, not 0 or 1"),
+    ("area a string", ("annotations", 0, "area"), "80", r"\(id 1\): 'area' is \"80\", not a fin"),
+    ("area negative", ("annotations", 0, "area"), -80, r"\(id 1\): 'area' is -80, not >= 0"),
+    ("unknown image_id", ("annotations", 2, "image_id"), 99,
+     r"annotations\[2\] \(id 3\): image_id 99 is not in 'images'"),
+    ("unknown category_id", ("annotations", 2, "category_id"), 3,
+     r"annotations\[2\] \(id 3\): category_id 3 is not in 'categories'"),
+]
+
+
+@pytest.mark.parametrize("path, value, problem", [b[1:] for b in BROKEN],
+                         ids=[b[0] for b in BROKEN])
+def test_broken_entries_raise_naming_file_entry_and_field(tmp_path, path, value, problem):
+    content = changed(valid_file(tmp_path), path, value)
+    (tmp_path / "broken.json").write_text(json.dumps(content))
+    with pytest.raises(DataError) as error:
+        CocoDetection(str(tmp_path), str(tmp_path / "broken.json"))
+    message = str(error.value)
+    assert message.startswith(f"{tmp_path / 'broken.json'}: "), message  # the file
+    assert re.search(problem, message), message  # the problem
+    if len(path) > 1:  # the entry, and the field
+        assert f"{path[0]}[{path[1]}]" in message and (len(path) == 2 or path[2] in message)
+
+
+@pytest.mark.parametrize("content, problem", [
+    (b"", r"the file is empty"),
+    (b" \n\t ", r"the file is empty"),
+    (b'{"images": [}', r"not valid JSON \(Expecting value: line 1 column 13"),
+    (b'{"images": "\xff\xfe"}', r"not UTF-8 text \(byte 12\)"),
+    (b"[" * 100_000, r"not valid JSON \(maximum recursion depth"),
+    (b'[{"images": []}]', r"the top level is a list, not an object with 'images'"),
+    (b'"images"', r"the top level is a string, not an object"),
+    (b"null", r"the top level is null, not an object"),
+    (b'{"images": 1e400}', r"no 'images' list \('images' is Infinity\)"),
+], ids=["empty", "blank", "not JSON", "not UTF-8", "nested too deeply", "a list", "a string",
+        "null", "images infinite"])
+def test_unreadable_files_raise_naming_the_file(tmp_path, content, problem):
+    (tmp_path / "bad.json").write_bytes(content)
+    with pytest.raises(DataError) as error:
+        CocoDetection(str(tmp_path), str(tmp_path / "bad.json"))
+    assert re.match(re.escape(str(tmp_path / "bad.json")) + ": " + problem, str(error.value))
+
+
+def test_missing_or_unopenable_annotation_file_raises_naming_the_path(tmp_path):
+    for path in (tmp_path / "nowhere.json", tmp_path):  # a missing file, a folder
+        with pytest.raises(DataError, match=re.escape(str(path)) + ": cannot read the annotation "
+                                            r"file \((No such file|Is a directory)"):
+            CocoDetection(str(tmp_path), str(path))
+
+
+def test_valid_variants_are_accepted(tmp_path):
+    """What the checks must not refuse: whole-number float sizes, no area, no iscrowd or 0.0,
+    extra keys, a byte-order mark, an image-info file without annotations, negative ids."""
+    content = valid_file(tmp_path)
+    content["images"][0] |= {"width": 40.0, "license": 3, "coco_url": None}
+    del content["annotations"][0]["area"], content["annotations"][1]["iscrowd"]
+    content["annotations"][2] |= {"segmentation": [[0, 0, 4, 0, 4, 4]], "id": -3, "iscrowd": 0.0}
+    (tmp_path / "ok.json").write_bytes(b"\xef\xbb\xbf" + json.dumps(content).encode())
+    ds = CocoDetection(str(tmp_path), str(tmp_path / "ok.json"))
+    assert len(ds) == 2 and ds.class_names == ["cat", "dog"]
+    np.testing.assert_allclose(ds.load_targets(1), [[1, 5, 5, 25, 25], [0, 0, 0, 4, 4]])
+    assert ds.coco.anns[1]["area"] == 80  # w * h where the file gives none (COCOeval needs it)
+    assert ds.coco.anns[2]["iscrowd"] == 0 and type(ds.coco.anns[-3]["iscrowd"]) is int
+    del content["annotations"]
+    (tmp_path / "info.json").write_text(json.dumps(content))
+    assert len(CocoDetection(str(tmp_path), str(tmp_path / "info.json"),
+                             require_annotations=False)) == 2
+
+
+def test_ground_truth_for_scoring_is_what_the_loader_kept(tmp_path):
+    """Skipped boxes are gone from .coco too, clipped ones clipped there, crowd ones kept as
+    iscrowd 1 (COCO's ignore regions); boxes left as they were keep the file's numbers."""
+    content = valid_file(tmp_path)
+    content["annotations"] += [
+        {"id": 4, "image_id": 1, "category_id": 1, "bbox": [3, 3, 0, 5], "area": 0},      # skip
+        {"id": 5, "image_id": 1, "category_id": 2, "bbox": [50, 3, 5, 5], "area": 25},    # skip
+        {"id": 6, "image_id": 1, "category_id": 2, "bbox": [30.5, 20, 20, 20], "area": 400},
+        {"id": 7, "image_id": 2, "category_id": 1, "bbox": [2, 2, 30, 20], "area": 600,
+         "iscrowd": 1}]
+    (tmp_path / "mixed.json").write_text(json.dumps(content))
+    with pytest.warns(UserWarning):
+        ds = CocoDetection(str(tmp_path), str(tmp_path / "mixed.json"))
+    assert sorted(ds.coco.anns) == [1, 2, 3, 6, 7]
+    assert ds.coco.anns[6]["bbox"] == [30.5, 20, 9.5, 10] and ds.coco.anns[6]["area"] == 400
+    assert ds.coco.anns[7]["iscrowd"] == 1 and ds.coco.anns[1]["bbox"] == [1, 2, 10, 8]
+    np.testing.assert_allclose(ds.load_targets(0), [[0, 1, 2, 11, 10], [1, 30.5, 20, 40, 30]])
+    assert len(ds.load_targets(1)) == 2  # the crowd box is not trained on by default

@@ -111,6 +111,65 @@ def test_unknown_category_id_is_an_error_before_pycocotools(tmp_path):
         ev.coco_score(coco, results, verbose=False)
 
 
+def score_directly(ann_file, results) -> list[float]:
+    """pycocotools on the annotation file as it is, no code of ours in between."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(str(ann_file))
+        direct = COCOeval(gt, gt.loadRes([dict(r) for r in results]), "bbox")
+        direct.evaluate(), direct.accumulate(), direct.summarize()
+    return [float(s) for s in direct.stats]
+
+
+def test_valid_file_scores_as_pycocotools_on_the_file_itself(tmp_path):
+    data = pytest.importorskip("data")
+    path, coco = write_gt(tmp_path, CUSTOM_IDS)
+    for image_id, _, _ in IMAGES:
+        (tmp_path / f"{image_id}.jpg").touch()           # only their presence is checked here
+    dataset = data.CocoDetection(str(tmp_path), str(path))
+    dets, ids = gt_as_detections(coco, CUSTOM_IDS, shift=0.13)
+    for d in dets:
+        d[::3, [0, 2]] += 0.3 * (d[::3, 2:3] - d[::3, 0:1])
+    results = ev.to_coco_results(dets, ids, CUSTOM_IDS)
+    ours = ev.coco_score(dataset.coco, results, verbose=False)
+    assert list(ours.values()) == score_directly(path, results) and 0.1 < ours["AP"] < 0.6
+
+
+def test_skipped_boxes_are_not_scored_and_crowd_boxes_are_ignore_regions(tmp_path):
+    """A file with boxes the loader skips (zero or negative size, outside the image), clips
+    and a crowd box: perfect detections of what it kept, plus one on the crowd region, score
+    AP 1.0 through .coco; pycocotools on the file as it is scores them lower."""
+    data = pytest.importorskip("data")
+    path, coco = write_gt(tmp_path, CUSTOM_IDS)
+    gt = json.loads(path.read_text())
+    odd = [(1, [10, 10, 0, 40]), (1, [50, 60, 30, -2]), (7, [600, 10, 30, 30]),
+           (7, [-20, 300, 60, 40]), (12, [250, 350, 80, 80])]      # the last two: clipped
+    for k, (image_id, box) in enumerate(odd):
+        gt["annotations"].append({"id": 100 + k, "image_id": image_id, "category_id": 17,
+                                  "bbox": box, "area": abs(box[2] * box[3]), "iscrowd": 0})
+    gt["annotations"].append({"id": 200, "image_id": 1, "category_id": 3, "bbox": [300, 200, 90,
+                              90], "area": 8100, "iscrowd": 1})
+    path.write_text(json.dumps(gt))
+    for image_id, _, _ in IMAGES:
+        (tmp_path / f"{image_id}.jpg").touch()
+    with pytest.warns(UserWarning) as record:
+        dataset = data.CocoDetection(str(tmp_path), str(path))
+    assert [str(w.message).split(": ")[1].split(";")[0] for w in record] == [
+        "2 box(es) zero or negative width/height, skipped", "1 box(es) outside the image, skipped",
+        "2 box(es) partly outside the image, clipped"]
+    dets = []
+    for index in range(len(dataset)):
+        rows = torch.as_tensor(dataset.load_targets(index), dtype=torch.float64)  # (N, 5)
+        scores = 0.9 - 0.01 * torch.arange(len(rows), dtype=torch.float64)[:, None]
+        dets.append(torch.cat([rows[:, 1:], scores, rows[:, :1], torch.ones_like(scores)], 1))
+    crowd = torch.tensor([[300.0, 200, 390, 290, 0.99, 0, 1]], dtype=torch.float64)
+    dets[0] = torch.cat([crowd, dets[0]])                    # top score, on the crowd region
+    results = ev.to_coco_results(dets, dataset.ids, dataset.cat_ids)
+    assert len(results) == 12 + 2 + 1                        # write_gt's 12, the 2 clipped
+    metrics = ev.coco_score(dataset.coco, results, verbose=False)
+    assert [metrics[k] for k in ("AP", "AP50", "AP75", "AR100")] == [1.0] * 4, metrics
+    assert score_directly(path, results)[0] < 0.9            # the file as it is: misses
+
+
 # ---------------------------------------------------------------------------------------------
 # NMS against a float64 brute force
 # ---------------------------------------------------------------------------------------------
@@ -432,6 +491,33 @@ def test_command_line_evaluates_writes_and_draws(tmp_path, capsys):
     ev.main(common + ["--show"])
     (png,) = (tmp_path / "run").glob("figure3_*.png")
     assert Image.open(png).size == ev.figure3_size((96, 96))
+
+
+def test_images_and_ann_go_together(capsys):
+    for argv in (["--images", "my/val"], ["--ann", "my/val.json"], ["--show", "--images", "v"]):
+        with pytest.raises(SystemExit) as exit_:
+            ev.main(argv)
+        assert exit_.value.code == 2
+        assert "--images and --ann go together" in capsys.readouterr().err
+
+
+def test_model_of_another_class_count_is_refused_naming_both(tmp_path):
+    head = pytest.importorskip("head")
+    data = pytest.importorskip("data")
+    paths = data.make_synthetic(str(tmp_path), n_train=1, n_val=2, image_size=64)   # 5 classes
+    common = ["--images", paths["val_images"], "--ann", paths["val_json"], "--size", "64"]
+    for classes in (3, 7):                                   # fewer, more than the categories
+        config = SMALL | {"num_classes": classes}
+        ckpt = save_checkpoint(tmp_path / f"c{classes}.pt", head.Detector(**config), config)
+        with pytest.raises(data.DataError) as error:
+            ev.main(["--weights", ckpt] + common)
+        assert str(error.value).startswith(f"{ckpt}: {classes} classes, but "
+                                           f"{paths['val_json']} has 5 categories")
+    with pytest.raises(data.DataError, match=r"random weights \(--num-classes 80\): 80 classes"):
+        ev.main(common)
+    dataset = data.CocoDetection(paths["val_images"], paths["val_json"])
+    with pytest.raises(data.DataError, match="the model: 7 classes, but .* has 5 categories"):
+        ev.evaluate(head.Detector(**SMALL | {"num_classes": 7}), dataset, size=64, verbose=False)
 
 
 def test_speed_report_ends_with_the_json_line():

@@ -8,6 +8,7 @@ Tiny on purpose (2 shared CPU cores): width 0.125, 64-96 px, a 16-image syntheti
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -184,6 +185,60 @@ def test_pretrained_backbone_from_either_file(tmp_path):
             if key.startswith("backbone.") and not key.endswith("num_batches_tracked"):
                 assert torch.equal(model[key], value), (name, key)
         assert not torch.equal(model["heads.s8.pred.weight"], ours["heads.s8.pred.weight"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Start-up checks of the data, before any training; the end-of-run picture
+# ---------------------------------------------------------------------------------------------
+def custom_flags(paths):
+    return ["--train-images", paths["train_images"], "--train-ann", paths["train_json"],
+            "--val-images", paths["val_images"], "--val-ann", paths["val_json"]]
+
+
+def test_start_up_refuses_too_few_images_and_other_categories(tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(train.data.DataError) as error:  # 3 images, 2 x 2 per optimizer step
+        train.main(TINY + ["--synthetic-train", "3", "--accumulate", "2", "--out", str(out)])
+    assert re.fullmatch(r".*/train\.json: 3 training image\(s\), fewer than one optimizer step "
+                        r"takes \(4 = batch size x accumulate x processes\); .*", str(error.value))
+    paths = train.data.make_synthetic(str(tmp_path), n_train=4, n_val=2, image_size=64)
+    original = Path(paths["train_json"]).read_text()
+    empty = json.loads(original) | {"images": [], "annotations": []}
+    Path(paths["train_json"]).write_text(json.dumps(empty))
+    with pytest.raises(train.data.DataError, match=r"train\.json: the 'images' list is empty"):
+        train.main(TINY + custom_flags(paths) + ["--out", str(out)])
+    Path(paths["train_json"]).write_text(original)
+    val = json.loads(Path(paths["val_json"]).read_text())
+    val["categories"] = [c | {"name": "lime square"} if c["id"] == 2 else c
+                         for c in val["categories"] if c["id"] != 5] + [{"id": 9, "name": "star"}]
+    val["annotations"] = [a for a in val["annotations"] if a["category_id"] != 5]
+    Path(paths["val_json"]).write_text(json.dumps(val))
+    with pytest.raises(train.data.DataError) as error:
+        train.main(TINY + custom_flags(paths) + ["--out", str(out)])
+    assert str(error.value) == (
+        f"{paths['val_json']}: the categories are not those of {paths['train_json']}: only in "
+        "validation: 9 'star'; only in training: 5 'magenta cross'; id 2 is 'lime square' in "
+        "validation, 'green square' in training")
+    assert not (out / "log.jsonl").exists()                  # nothing trained
+
+
+def test_demo_picture_skips_an_unreadable_validation_image(tmp_path):
+    paths = train.data.make_synthetic(str(tmp_path), n_train=1, n_val=6, image_size=64)
+    val = train.data.CocoDetection(paths["val_images"], paths["val_json"])
+    few = [3 <= len(val.load_targets(i)) <= 5 for i in range(len(val))]
+    first, second = ([i for i in range(len(val)) if few[i]] +     # images with 3-5 objects
+                     [i for i in range(len(val)) if not few[i]])[:2]  # first, then the others
+    expected = val.load_image(second)[0]
+    Path(val._files[first]).write_bytes(b"not a png")
+    said = []
+    image = train.demo_image(val, said.append)
+    assert (image == expected).all() and len(said) == 1
+    assert said[0].startswith("figure3_demo.png: skipped an unreadable validation image: ")
+    assert Path(val._files[first]).name in said[0]
+    for path in val._files:
+        Path(path).write_bytes(b"")
+    said.clear()
+    assert train.demo_image(val, said.append, tries=3) is None and len(said) == 3
 
 
 # ---------------------------------------------------------------------------------------------
