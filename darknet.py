@@ -18,8 +18,9 @@ The pyramid is YOLOv3's top-down path as the ASFF authors released it: each leve
 the level above through a 1x1 lateral conv, nearest x2 up-sampling and concatenation with the
 backbone map. The stride-8 map ends with the 3x3 conv that YOLOv3 runs before its stride-8
 head; in the ASFF model that conv's output (256 ch) is the third fusion input. DropBlock slots
-sit where the release put them (after the 3x3 conv that precedes its SPP/lateral, see
-`Pyramid.forward`); they are identities unless `dropblock=True` and a keep probability < 1 is set.
+sit where the release put them (after the second 3x3 conv at stride 32, after the first at
+strides 16 and 8: `FiveConv.forward`); they are identities unless `dropblock=True` and a keep
+probability < 1 is set.
 
 `width` scales every channel count and `depth` the number of residual units, for small models
 that train on a laptop CPU (width=1, depth=1 is the paper's network).
@@ -125,10 +126,17 @@ class DropBlock(nn.Module):
 
 
 class FiveConv(nn.Module):
-    """YOLOv3's five-conv block (1x1 c_in->c, 3x3 c->2c, 1x1, 3x3, 1x1), optional SPP after conv3."""
+    """YOLOv3's five-conv block (1x1 c_in->c, 3x3 c->2c, 1x1, 3x3, 1x1), optional SPP after conv3.
 
-    def __init__(self, c_in: int, c: int, spp: bool = False):
+    The DropBlock slot follows the 3x3 conv `drop_after` (2 or 4), where the release put it:
+    after conv4 at stride 32, after conv2 at strides 16 and 8 (the baseline's module_list 16, 24
+    and 33).
+    """
+
+    def __init__(self, c_in: int, c: int, spp: bool = False, drop_after: int = 2):
         super().__init__()
+        if drop_after not in (2, 4):
+            raise ValueError(f"drop_after {drop_after}: the DropBlock follows a 3x3 conv, 2 or 4")
         self.conv1 = ConvBN(c_in, c, 1)
         self.conv2 = ConvBN(c, 2 * c, 3)
         self.conv3 = ConvBN(2 * c, c, 1)
@@ -137,6 +145,19 @@ class FiveConv(nn.Module):
         self.conv4 = ConvBN(c, 2 * c, 3)
         self.conv5 = ConvBN(2 * c, c, 1)
         self.drop = DropBlock()
+        self.drop_after = drop_after
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv2(self.conv1(x))                                        # (B, 2c, h, w)
+        if self.drop_after == 2:
+            x = self.drop(x)
+        x = self.conv3(x)                                                    # (B, c, h, w)
+        if self.spp is not None:
+            x = self.spp_reduce(self.spp(x))                                 # (B, 4c -> c, h, w)
+        x = self.conv4(x)                                                    # (B, 2c, h, w)
+        if self.drop_after == 4:
+            x = self.drop(x)
+        return self.conv5(x)                                                 # (B, c, h, w)
 
     def convs(self) -> list[ConvBN]:
         """The conv blocks in execution (and darknet cfg) order."""
@@ -150,7 +171,7 @@ class Pyramid(nn.Module):
     def __init__(self, width: float = 1.0, spp: bool = True):
         super().__init__()
         c3, c4, c5 = (scale_channels(c, width) for c in (256, 512, 1024))
-        self.s32 = FiveConv(c5, c5 // 2, spp=spp)              # -> p32, 512 ch
+        self.s32 = FiveConv(c5, c5 // 2, spp, drop_after=4)    # -> p32, 512 ch
         self.s16_lateral = ConvBN(c5 // 2, c4 // 2, 1)          # 512 -> 256 before up-sampling
         self.s16 = FiveConv(c4 // 2 + c4, c4 // 2)             # [up(p32), C4] 768 -> p16, 256 ch
         self.s8_lateral = ConvBN(c4 // 2, c3 // 2, 1)           # 256 -> 128 before up-sampling
@@ -159,31 +180,17 @@ class Pyramid(nn.Module):
         self.channels = {32: c5 // 2, 16: c4 // 2, 8: c3}
 
     def forward(self, c: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
-        p32 = self.top_stage(c[32])                                          # (B, 512, H/32, W/32)
+        p32 = self.s32(c[32])                                                # (B, 512, H/32, W/32)
         x = self.upsample(self.s16_lateral(p32), c[16])                      # (B, 768, H/16, W/16)
-        p16 = self.lateral_stage(self.s16, x)                                # (B, 256, H/16, W/16)
+        p16 = self.s16(x)                                                    # (B, 256, H/16, W/16)
         x = self.upsample(self.s8_lateral(p16), c[8])                        # (B, 384, H/8, W/8)
-        p8 = self.s8_out(self.lateral_stage(self.s8, x))                     # (B, 256, H/8, W/8)
+        p8 = self.s8_out(self.s8(x))                                         # (B, 256, H/8, W/8)
         return {32: p32, 16: p16, 8: p8}
 
     @staticmethod
     def upsample(x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         """Nearest x2 up-sampling, then concatenation [up(x), skip] as in YOLOv3."""
         return torch.cat([F.interpolate(x, scale_factor=2, mode="nearest"), skip], dim=1)
-
-    def top_stage(self, c5: torch.Tensor) -> torch.Tensor:
-        """Stride 32: 1x1, 3x3, 1x1, [SPP, 1x1], 3x3, DropBlock, 1x1 (release: module_list 11-17)."""
-        b = self.s32
-        x = b.conv3(b.conv2(b.conv1(c5)))                                    # (B, 512, h, w)
-        if b.spp is not None:
-            x = b.spp_reduce(b.spp(x))                                       # (B, 2048 -> 512, h, w)
-        return b.conv5(b.drop(b.conv4(x)))                                   # (B, 512, h, w)
-
-    @staticmethod
-    def lateral_stage(b: FiveConv, x: torch.Tensor) -> torch.Tensor:
-        """Strides 16 and 8: 1x1, 3x3, DropBlock, 1x1, 3x3, 1x1 (the release's DropBlock position)."""
-        x = b.drop(b.conv2(b.conv1(x)))                                      # (B, 2c, h, w)
-        return b.conv5(b.conv4(b.conv3(x)))                                  # (B, c, h, w)
 
     def dropblocks(self) -> dict[int, DropBlock]:
         return {32: self.s32.drop, 16: self.s16.drop, 8: self.s8.drop}

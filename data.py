@@ -32,22 +32,24 @@ released, the same on every rank because it depends only on the seed and the ite
 
 Command line: `python data.py [--out DIR] [--root CACHE]` generates the synthetic set, prints
 its statistics and writes DIR/asff_data_demo.png (8 augmented, mixed samples with their boxes);
-`python data.py --benchmark` times one loader worker (last line: JSON).
+`python tests/bench.py data` times one loader worker (last line: JSON).
 
 The data set augments at the largest size and the batch is resized once more to the drawn size
 (the release resized each image straight to the drawn size: one interpolation less, but the size
 has to be known inside the worker); boxes are therefore filtered by min_size at the largest size.
 Every random draw of sample i in epoch e comes from numpy's Generator(SeedSequence([seed, e, i])):
 results do not depend on the worker count, and workers never repeat each other's draws (they did
-in the release, facts 13.17). `mixup` and `epoch` are read inside the workers, which copy the data
-set when an epoch's iterator starts: set them before, and do not use persistent_workers.
+in the release: docs/released-code.md, mixup). `mixup` and `epoch` are read inside the workers,
+which copy the data set when an epoch's iterator starts: set them before, and do not use
+persistent_workers.
 
-Augmentation (as released, facts section 8), per sample: mixup; photometric distortion; zoom out;
-SSD random crop; horizontal flip; small random affine; resize to the square size. The geometric
-steps are affine maps, so each step returns its 3x3 matrix and the moved boxes, and the image is
-warped once by their product (PIL, one pass from the source image, showing only what the crop
-kept). Boxes whose shorter side is not above min_size (6 px) are dropped; if none survive, the
-un-augmented image and all its boxes are used (as released). Departures, each for a reason:
+Augmentation (as released: docs/released-code.md, augmentation), per sample: mixup; photometric
+distortion; zoom out; SSD random crop; horizontal flip; small random affine; resize to the square
+size. The geometric steps are affine maps, so each step returns its 3x3 matrix and the moved boxes,
+and the image is warped once by their product (PIL, one pass from the source image, showing only
+what the crop kept). Boxes whose shorter side is not above min_size (6 px) are dropped; if none
+survive, the un-augmented image and all its boxes are used (as released). Departures, each for a
+reason:
 - the affine translation uses the width for x and the height for y (the release swaps them);
 - saturation scales HSV's S with V and hue kept, computed in RGB (c -> V - s (V - c)) instead of
   a second HSV round trip (9 ms of a 20 ms budget); it clips per channel where s * S > 1;
@@ -542,7 +544,8 @@ def make_synthetic(root: str | None = None, n_train: int = 1024, n_val: int = 64
 
 
 # ----------------------------------------------------------------------------------------------
-# Augmentation (facts section 8). Rows are float (N, 6) [x1, y1, x2, y2, class, mix].
+# Augmentation (as released: docs/released-code.md, augmentation).
+# Rows are float (N, 6) [x1, y1, x2, y2, class, mix].
 
 
 def color_distort(image: Image.Image, brightness: float = 0.0, contrast: float = 1.0,
@@ -569,7 +572,7 @@ def color_distort(image: Image.Image, brightness: float = 0.0, contrast: float =
 
 
 def photometric(image: Image.Image, rng: np.random.Generator) -> Image.Image:
-    """The released draws (facts 8.2), each step with p = 0.5."""
+    """The released draws (docs/released-code.md, augmentation), each step with p = 0.5."""
     brightness = rng.uniform(-32, 32) if rng.random() < 0.5 else 0.0
     contrast = rng.uniform(0.5, 1.5) if rng.random() < 0.5 else 1.0
     hue = int(rng.integers(-18, 19)) if rng.random() < 0.5 else 0
@@ -660,7 +663,8 @@ def random_affine(rng, rows, wh, degrees=10.0, translate=0.1, scale=0.1, shear=2
     alpha, beta = s * math.cos(a), s * math.sin(a)  # OpenCV's getRotationMatrix2D(centre, a, s)
     R = np.array([[alpha, beta, (1 - alpha) * W / 2 - beta * H / 2],
                   [-beta, alpha, beta * W / 2 + (1 - alpha) * H / 2], [0, 0, 1]])
-    # x shifts by a fraction of the width and y of the height (the release swaps them, 13.11)
+    # x shifts by a fraction of the width and y of the height (the release swaps them:
+    # docs/released-code.md, augmentation)
     T = _translation(rng.uniform(-translate, translate) * W, rng.uniform(-translate, translate) * H)
     sx, sy = (math.tan(math.radians(rng.uniform(-shear, shear))) for _ in range(2))
     S = np.array([[1, sx, 0], [sy, 1, 0], [0, 0, 1]])
@@ -839,7 +843,7 @@ def resize_batch(images: torch.Tensor, targets: list, size: int):
 
 
 # ----------------------------------------------------------------------------------------------
-# Script: `python data.py` shows the data; `python data.py --benchmark` times the loader.
+# Script: `python data.py` shows the data (the loader's speed: `python tests/bench.py data`).
 
 
 def _draw_samples(dataset: TrainDataset, indices, class_names) -> Image.Image:
@@ -882,89 +886,14 @@ def demo(out: str, root: str | None, seed: int) -> None:
     print(f"wrote {path}: 8 training samples (augmented, mixed; box label: class and mix ratio)")
 
 
-def _stage_times(dataset: TrainDataset, n: int) -> dict:
-    """Milliseconds per sample of each stage, timed in this process."""
-    times = dict.fromkeys(("decode x2", "mixup", "photometric", "geometry + warp", "collate"), 0.0)
-    for i in range(n):
-        rng, t0 = np.random.default_rng([1, 0, i]), time.perf_counter()
-        (image, rows), (image2, rows2) = dataset._load(i), dataset._load((i + 1) % len(dataset))
-        t1 = time.perf_counter()
-        image, rows = mixup(image, rows, image2, rows2, 0.5)
-        t2 = time.perf_counter()
-        image = photometric(image, rng)
-        t3 = time.perf_counter()
-        M, _, window = geometry(rng, rows, image.size, dataset.size)
-        image = warp(image, M, dataset.size, (Image.NEAREST, Image.BILINEAR)[i % 2], window)
-        t4 = time.perf_counter()
-        collate([(torch.from_numpy(np.array(image)).permute(2, 0, 1), torch.zeros(0, 6))])
-        t5 = time.perf_counter()
-        for key, dt in zip(times, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4), strict=True):
-            times[key] += 1000 * dt / n
-    return times
-
-
-def _private_mb_of_children() -> float:
-    """Private (unshared) memory of this process's children, from Linux's smaps_rollup."""
-    total = 0.0
-    with contextlib.suppress(OSError):
-        for pid in Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children").read_text().split():
-            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-                if line.startswith(("Private_Clean", "Private_Dirty")):
-                    total += int(line.split()[1]) / 1024  # kB
-    return total
-
-
-def benchmark(n_images: int = 32, batches: int = 25, batch_size: int = 8, size: int = 608) -> dict:
-    """One DataLoader worker, full augmentation and mixup at `size`, on 640x480 JPEGs."""
-    import resource
-
-    torch.set_num_threads(1)  # as inside a DataLoader worker
-    with tempfile.TemporaryDirectory() as tmp:
-        _write_split(Path(tmp), "bench", n_images, 640, 480, 0, 0, fmt="jpg", max_objects=10)
-        data = CocoDetection(str(Path(tmp) / "bench"), str(Path(tmp) / "bench.json"))
-        dataset = TrainDataset(data, size=size, mixup=True)
-        print(f"{'stage (in-process)':<22}{'ms / image':>12}")
-        for stage, ms in _stage_times(dataset, 2 * n_images).items():
-            print(f"{stage:<22}{ms:>12.1f}")
-        sampler = torch.utils.data.RandomSampler(dataset, replacement=True,
-                                                 num_samples=batches * batch_size)
-        loader = torch.utils.data.DataLoader(dataset, batch_size, sampler=sampler, num_workers=1,
-                                             collate_fn=collate, prefetch_factor=4)
-        it = iter(loader)
-        next(it)  # worker start-up and first batch are not timed
-        start, n, private_mb = time.perf_counter(), 0, 0.0
-        for images, _ in it:
-            n += len(images)
-            private_mb = max(private_mb, _private_mb_of_children())
-        seconds = time.perf_counter() - start
-        del it, loader  # joins the worker, so its peak memory is in RUSAGE_CHILDREN
-    worker = resource.getrusage(resource.RUSAGE_CHILDREN)  # the worker, now joined
-    cpu_s = worker.ru_utime + worker.ru_stime  # all its batches: on a shared machine this is
-    result = {  # the figure that does not depend on what else runs
-        "images_per_s_per_worker": round(n / seconds, 1),
-        "images_per_cpu_s_per_worker": round(batches * batch_size / cpu_s, 1),
-        "peak_mb_per_worker": round(worker.ru_maxrss / 1024, 1),
-        "private_mb_per_worker": round(private_mb, 1), "size": size, "mixup": True,
-        "source": "640x480 JPEG", "images_timed": n, "load_average_1min": os.getloadavg()[0]}
-    print(f"one worker, end to end: {result['images_per_s_per_worker']} images/s at {size} "
-          f"({result['images_per_cpu_s_per_worker']} per CPU second), peak RSS "
-          f"{result['peak_mb_per_worker']} MB of which {result['private_mb_per_worker']} MB "
-          "private (the rest is shared with the main process: torch, the data set)")
-    return result
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="runs", help="folder for asff_data_demo.png")
     parser.add_argument("--root", default=None, help="cache folder (default $ASFF_CACHE or "
                         "~/.cache/asff)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--benchmark", action="store_true", help="time one loader worker")
     args = parser.parse_args()
-    if args.benchmark:
-        print(json.dumps(benchmark()))
-    else:
-        demo(args.out, args.root, args.seed)
+    demo(args.out, args.root, args.seed)
 
 
 if __name__ == "__main__":

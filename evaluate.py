@@ -1,4 +1,4 @@
-"""COCO evaluation, the speed column and Figure 3 pictures - paper Sec. 3.4, Tables 3-4, Figure 3.
+"""COCO evaluation and Figure 3 pictures - paper Sec. 3.4, Tables 3-4 (AP), Figure 3.
 
 Inference (Sec. 3.4): plain resize to the test size (the release's preprocessing; letterbox is an
 option), the model's eval-mode decode (head.py), then `postprocess`: corners from (cx, cy, w, h),
@@ -19,16 +19,13 @@ Public entry points:
     check_classes(model, dataset, weights) -> DataError unless model.num_classes equals the
         data set's category count (evaluate and the command line call it first)
     load_model(weights, **config) -> Detector from our checkpoint, a released one or darknet's
-    benchmark(...) -> the Tables 3-4 speed figures: baseline / sum / concat / ASFF / ASFF*
-        forwards timed in interleaved rounds (so their ratio is fair), plain and conv+BN
-        folded; decode and NMS timed separately on realistic score distributions
     draw_figure3(image, detections, maps, class_names) -> PIL.Image (Figure 3)
     show(model, image, out, size, class_names) -> path of the Figure 3 PNG (train.py's demo)
 
 Command line (`python evaluate.py -h`; no arguments prints the help and a toy NMS example):
     python evaluate.py --weights yolov3_asff.pth --data /coco --size 608    # val2017 AP
     python evaluate.py --weights ckpt.pt --data /coco --test-dev --out run/  # server file
-    python evaluate.py --speed --runs 5 --threads 1                          # Tables 3-4
+    python tests/bench.py speed --runs 5 --threads 1                         # Tables 3-4 FPS
     python evaluate.py --show img.jpg --weights ckpt.pt --out run/           # Figure 3
     torchrun --nproc_per_node 4 evaluate.py --weights ...                    # sharded
 
@@ -44,7 +41,6 @@ import json
 import os
 import sys
 import time
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -61,7 +57,8 @@ COCO_STATS = ("AP", "AP50", "AP75", "APs", "APm", "APl",
               "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")   # order of COCOeval.stats
 PAPER_COLUMNS = COCO_STATS[:6]                                # Tables 3-4
 COCO_NAMES = tuple(n.replace("_", " ") for n in (  # the 80 classes, in sorted-id order (the
-    # release's demo.py indexed a 90-name list and labelled most classes wrongly, facts 13.13)
+    # release's demo.py indexed a 90-name list and labelled most classes wrongly:
+    # docs/released-code.md, demo class names)
     "person bicycle car motorcycle airplane bus train truck boat traffic_light fire_hydrant "
     "stop_sign parking_meter bench bird cat dog horse sheep cow elephant bear zebra giraffe "
     "backpack umbrella handbag tie suitcase frisbee skis snowboard sports_ball kite baseball_bat "
@@ -535,155 +532,6 @@ def load_model(weights: str | None = None, ema: bool | None = None, **config):
 
 
 # ---------------------------------------------------------------------------------------------
-# Speed (Tables 3-4): forward and decode+NMS timed separately, variants interleaved
-# ---------------------------------------------------------------------------------------------
-SPEED_VARIANTS = {"baseline": dict(fusion=None), "sum": dict(fusion="sum"),
-                  "concat": dict(fusion="concat"), "asff": dict(fusion="asff"),
-                  "asff*": dict(fusion="asff", rfb=True, dropblock=True)}
-PAPER_FPS_608 = {"baseline": 50, "sum": 48, "concat": 42, "asff": 46, "asff*": 45.5}  # V100
-
-
-def realistic_raw(size: int, num_classes: int = 80, n_objects: int = 15, seed: int = 0):
-    """Raw head outputs of a plausible trained model on a (1, 3, size, size) input, to time the
-    decode and NMS on what they see in practice rather than on all-zero scores: n_objects
-    objects; objectness logits ~ N(-12, 2) rising by up to +10 within ~1.5 strides of an
-    object's centre at every level, the object's class logit raised alike. A few hundred
-    (box, score) rows then pass conf 0.005, in clusters that NMS has to resolve."""
-    from head import ANCHOR_MASKS, FREE_SLOT_SCALE, RELEASED_ANCHORS
-    g = torch.Generator().manual_seed(seed)
-    centres = torch.rand(n_objects, 2, generator=g) * size                  # (O, 2) x, y
-    labels = torch.randint(num_classes, (n_objects,), generator=g)          # (O,)
-    raw = {}
-    for stride in (32, 16, 8):
-        h = w = size // stride
-        sizes = [RELEASED_ANCHORS[a] for a in ANCHOR_MASKS[stride]]
-        sizes.append((FREE_SLOT_SCALE * stride,) * 2)                       # the free slot
-        pred = torch.randn(1, 4, 5 + num_classes, h, w, generator=g)        # (1, S, 5+C, h, w)
-        cell = (torch.stack(torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij"))
-                .flip(0).float() + 0.5) * stride                            # (2, h, w) x, y
-        d = (cell[None] - centres[:, :, None, None]).norm(dim=1) / stride   # (O, h, w)
-        near, nearest = torch.exp(-(d / 1.5) ** 2).max(0)                   # (h, w), (h, w)
-        pred[:, :, 4] = pred[:, :, 4] * 2 - 12 + 10 * near                  # obj logit
-        pred[:, :, 5:] -= 6
-        onehot = torch.nn.functional.one_hot(labels[nearest], num_classes)  # (h, w, C)
-        pred[:, :, 5:] += 8 * near[:, :, None].mul(onehot).permute(2, 0, 1)
-        raw[stride] = (pred, torch.zeros(1, 4, 2, h, w), torch.tensor(sizes, dtype=torch.float32))
-    return raw
-
-
-def timed_ms(fn, device: torch.device) -> tuple[float, float]:
-    """(wall ms, process CPU ms) of fn(), CUDA-synchronised on a GPU. On a CPU shared with other
-    jobs the CPU time is the steadier figure: it does not count the time other jobs hold the cores
-    (with --threads 1 it is exactly this call's compute)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    wall, cpu = time.perf_counter(), time.process_time()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - wall) * 1000, (time.process_time() - cpu) * 1000
-
-
-def time_decode_nms(size: int, runs: int = 30, conf_thre: float = CONF_THRE,
-                    nms_thre: float = NMS_THRE, device: str = "cpu") -> dict[str, float]:
-    """Median ms per image (wall, and process CPU as *_cpu_ms) of the decode (head.decode_level
-    on the 3 levels) and of postprocess, on `realistic_raw` outputs at `size` with 80 classes."""
-    from head import decode_level
-    dev = torch.device(device)
-    raw = {s: [t.to(dev) for t in v] for s, v in realistic_raw(size).items()}
-    decode = lambda: torch.cat([decode_level(p, sh, s, a).flatten(1, 3)   # noqa: E731
-                                for s, (p, sh, a) in raw.items()], dim=1)  # (1, N, 85)
-    decoded = decode()
-    post = lambda: postprocess(decoded, conf_thre, nms_thre)             # noqa: E731
-    dec = np.median([timed_ms(decode, dev) for _ in range(runs)], axis=0)   # (wall, cpu)
-    nms = np.median([timed_ms(post, dev) for _ in range(runs)], axis=0)
-    cand = int((decoded[0, :, 4:5] * decoded[0, :, 5:]).max(1).values.ge(conf_thre).sum())
-    return {"decode_ms": float(dec[0]), "nms_ms": float(nms[0]), "decode_cpu_ms": float(dec[1]),
-            "nms_cpu_ms": float(nms[1]), "candidates": cand, "kept": len(post()[0])}
-
-
-def benchmark(sizes=(416, 608), variants=tuple(SPEED_VARIANTS), device: str = "cpu",
-              amp_dtype: torch.dtype | None = None, batch: int = 1, runs: int = 5, warmup: int = 1,
-              width: float = 1.0, depth: float = 1.0, fold: bool = True,
-              verbose: bool = True) -> dict:
-    """Median forward ms per image of every variant at every size, rounds interleaved (each
-    round times every (size, variant) once) so load changes hit all alike; then the same with
-    conv+BN folded. Returns {"forward": {(folded, size, variant): wall ms}, "forward_cpu": the
-    same in process CPU ms, "decode_nms": {size: time_decode_nms(size)}}."""
-    dev = torch.device(device)
-    models = {}
-    for v in variants:
-        torch.manual_seed(0)
-        models[v] = load_model(None, num_classes=80, width=width, depth=depth,
-                               **SPEED_VARIANTS[v]).eval().to(dev)
-    times = {}
-    for folded in (False, True) if fold else (False,):
-        if folded:
-            for m in models.values():
-                m.fuse_conv_bn()
-        for r in range(warmup + runs):
-            for s in sizes:
-                x = torch.randn(batch, 3, s, s, device=dev)                # (B, 3, S, S)
-                for v in variants:
-                    with torch.no_grad(), torch.autocast(dev.type, amp_dtype,
-                                                         enabled=amp_dtype is not None):
-                        wall, cpu = timed_ms(partial(models[v], x), dev)
-                    if r >= warmup:
-                        times.setdefault((folded, s, v), []).append((wall / batch, cpu / batch))
-            if verbose:
-                print(f"  round {r + 1}/{warmup + runs} ({'folded' if folded else 'plain'})",
-                      flush=True)
-    median = lambda k, col: float(np.median([t[col] for t in times[k]]))  # noqa: E731
-    return {"forward": {k: median(k, 0) for k in times},
-            "forward_cpu": {k: median(k, 1) for k in times},
-            "decode_nms": {s: time_decode_nms(s, device=device) for s in sizes}}
-
-
-def _overheads(fwd: dict, sizes, variants, folds, tag: str) -> dict[str, float]:
-    """{"<variant>_overhead_<tag><size>": forward / baseline forward - 1} (asff* -> asff_star)."""
-    out = {}
-    for folded, fold_tag in ((False, ""), (True, "folded_")):
-        if "baseline" not in variants or folded not in folds:
-            continue
-        for s in sizes:
-            for v in (v for v in variants if v != "baseline"):
-                ratio = fwd[(folded, s, v)] / fwd[(folded, s, "baseline")] - 1
-                out[f"{v.replace('*', '_star')}_overhead_{tag}{fold_tag}{s}"] = round(ratio, 4)
-    return out
-
-
-def speed_report(bench: dict, sizes, variants, header: str) -> str:
-    """A readable table and, as the last line, one JSON object of the headline figures."""
-    fwd, cpu, dn = bench["forward"], bench["forward_cpu"], bench["decode_nms"]
-    folds = sorted({k[0] for k in fwd})
-    nan = float("nan")
-    lines = [header, f"{'variant':<9}{'size':>5}{'fwd ms':>9}{'cpu ms':>9}{'folded':>9}"
-             f"{'f. cpu':>9}{'decode':>8}{'NMS':>7}{'FPS*':>7}{'paper FPS':>10}"]
-    summary = {}
-    for s in sizes:
-        for v in variants:
-            total = fwd[(folds[-1], s, v)] + dn[s]["decode_ms"] + dn[s]["nms_ms"]
-            paper = PAPER_FPS_608.get(v) if s == 608 else None
-            lines.append(f"{v:<9}{s:>5}{fwd[(False, s, v)]:>9.1f}{cpu[(False, s, v)]:>9.1f}"
-                         f"{fwd.get((True, s, v), nan):>9.1f}{cpu.get((True, s, v), nan):>9.1f}"
-                         f"{dn[s]['decode_ms']:>8.2f}{dn[s]['nms_ms']:>7.2f}{1000 / total:>7.2f}"
-                         f"{paper or '-':>10}")
-            for folded, tag in ((False, ""), (True, "folded_")):
-                if folded in folds:
-                    summary[f"forward_{tag}ms_{v}_{s}"] = round(fwd[(folded, s, v)], 2)
-        summary[f"decode_nms_ms_{s}"] = round(dn[s]["decode_ms"] + dn[s]["nms_ms"], 3)
-        summary[f"decode_nms_cpu_ms_{s}"] = round(dn[s]["decode_cpu_ms"] + dn[s]["nms_cpu_ms"], 3)
-        summary[f"decode_nms_candidates_{s}"] = dn[s]["candidates"]
-    summary |= _overheads(fwd, sizes, variants, folds, "") | _overheads(cpu, sizes, variants,
-                                                                       folds, "cpu_")
-    lines.append("ms per image, medians. fwd: wall time of the eval forward (it includes the "
-                 "head's decode); cpu: process CPU time of it; folded: conv+BN folded. decode, "
-                 "NMS: wall time on realistic_raw() outputs (CPU time in the JSON). FPS* = 1000 "
-                 "/ (folded fwd + decode + NMS). paper FPS: V100, Tables 3-4.")
-    return "\n".join(lines + [json.dumps(summary)])
-
-
-# ---------------------------------------------------------------------------------------------
 # Figure 3: detections beside the fusion weight maps and the fused feature of each level
 # ---------------------------------------------------------------------------------------------
 # Heat map colours: five stops of matplotlib's "inferno", linear in between, so 0 is black,
@@ -989,18 +837,11 @@ def build_parser() -> argparse.ArgumentParser:
     a("--out", help="folder for metrics.json, the results JSON and pictures")
     a("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     a("--fusion", default="asff", choices=["none", "sum", "concat", "asff"],
-      help="model without --weights (and the speed runs' width/depth below)")
+      help="model without --weights (with the width/depth below)")
     a("--rfb", action="store_true")
     a("--num-classes", type=int, default=80)
     a("--width", type=float, default=1.0)
     a("--depth", type=float, default=1.0)
-    a("--speed", action="store_true", help="Tables 3-4: time baseline/sum/concat/asff/asff*")
-    a("--speed-sizes", type=int, nargs="+", default=[416, 608])
-    a("--variants", nargs="+", default=list(SPEED_VARIANTS), choices=list(SPEED_VARIANTS))
-    a("--runs", type=int, default=5, help="timed rounds per (variant, size)")
-    a("--warmup", type=int, default=1, help="untimed rounds first")
-    a("--speed-batch", type=int, default=1)
-    a("--no-fold", action="store_true", help="skip the conv+BN folded timings")
     a("--show", nargs="?", const="", metavar="IMAGE",
       help="draw Figure 3 for IMAGE (default: the first image of the evaluation set)")
     a("--detect", nargs="+", metavar="PATH", help="detect on these images / folders: one PNG "
@@ -1070,19 +911,6 @@ def checkpoint_class_names(weights: str | None, num_classes: int) -> tuple[list[
     return [f"class {k}" for k in range(num_classes)], list(range(num_classes))
 
 
-def run_speed(args) -> None:
-    dtype = torch.float16 if args.half else None
-    header = (f"device {args.device} ({torch.get_num_threads()} threads)" if args.device == "cpu"
-              else f"device {torch.cuda.get_device_name()}")
-    header += (f", {'fp16 autocast' if args.half else 'fp32'}, batch {args.speed_batch}, "
-               f"inputs {args.speed_sizes}, width {args.width}, depth {args.depth}, median of "
-               f"{args.runs} interleaved rounds after {args.warmup} warm-up; ms per image")
-    print(header, flush=True)
-    bench = benchmark(args.speed_sizes, args.variants, args.device, dtype, args.speed_batch,
-                      args.runs, args.warmup, args.width, args.depth, not args.no_fold)
-    print(speed_report(bench, args.speed_sizes, args.variants, header))
-
-
 def _demo() -> None:
     """No arguments: a toy run of postprocess on four boxes (two overlap in class 0)."""
     decoded = torch.tensor([[[50., 50, 40, 40, 0.9, 0.9, 0.1],     # class 0, score 0.81
@@ -1107,8 +935,6 @@ def main(argv: list[str] | None = None) -> None:
                      "COCO-format annotation JSON")
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.speed:
-        return run_speed(args)
     device = _setup_device(args.device)
     args.darknet_input |= str(args.weights).endswith(".weights")   # darknet's model, its input
     args.letterbox |= args.darknet_input

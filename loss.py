@@ -19,17 +19,18 @@ Entry point:
 The steps are functions of their own: prepare_targets -> assign_targets -> slot_targets ->
 ignore_mask / adjacent_ignore -> level_loss (anchor_loss, box_loss, offset_loss, size_loss,
 objectness_loss, class_loss). Every sum is divided by the batch size, as released.
+`python loss.py` prints each term on a hand-made case (its speed: `python tests/bench.py loss`).
 
-This is the authors' released objective (official-asff-facts.md sec. 7 and 13), including
-1 - IoU^2 as the IoU loss, their label smoothing (1 - 1/C and 1/C), the anchor-free slot's
-competition, the wh target carrying gradient into the shape branch, and "the last object written
-to a slot wins" when two objects share a cell and slot. It departs only on input the release
+This is the authors' released objective (docs/released-code.md: assignment, loss terms, label
+smoothing, guided-anchor gradient), including 1 - IoU^2 as the IoU loss, their label smoothing
+(1 - 1/C and 1/C), the anchor-free slot's competition, the wh target carrying gradient into the
+shape branch, and "the last object written to a slot wins" when two objects share a cell and
+slot. It departs only on input the release
 never sees: invalid boxes are dropped (counted), centres on or past the border use the nearest
 cell, boxes larger than the image keep a box weight of 1, and -ln(IoU) clamps IoU at 1e-7.
 """
 
-import json
-import time
+import math
 from typing import NamedTuple
 
 import torch
@@ -177,7 +178,7 @@ def prepare_targets(targets, num_classes: int, image_hw: tuple[int, int],
 
 def assign_targets(gt: GroundTruth, anchors: Tensor, levels: dict[int, Level]
                    ) -> dict[int, LevelAssignment]:
-    """Level, cell and slot of every object (Sec. 3.1; official-asff-facts.md sec. 7 step 2).
+    """Level, cell and slot of every object (Sec. 3.1; docs/released-code.md, assignment).
 
     The best of the 9 anchors by shape IoU picks the level and the anchor slot a; the cell holds
     the centre (i = floor(cx / stride), clamped into the grid). When guided, the anchor-free slot
@@ -333,8 +334,9 @@ def offset_loss(txy: Tensor, target_xy: Tensor, weight: Tensor) -> Tensor:
 def size_loss(twh: Tensor, anchor_wh: Tensor, gt_wh: Tensor, weight: Tensor) -> Tensor:
     """YOLOv3 size loss: weight * |t - log(gt / guided anchor)|; (P, 2) -> ().
 
-    The guided anchor is not detached (facts 13.4): the target moves with exp(g), so this term
-    trains the shape branch too, in effect |tw + gw - log(gt_w / A_w)|. The 1e-12 is released.
+    The guided anchor is not detached (docs/released-code.md, guided-anchor gradient): the target
+    moves with exp(g), so this term trains the shape branch too, in effect
+    |tw + gw - log(gt_w / A_w)|. The 1e-12 is released.
     """
     target = torch.log(gt_wh / anchor_wh + 1e-12)                              # (P, 2)
     return (weight[:, None] * (twh - target).abs()).sum()
@@ -453,81 +455,95 @@ def compute_loss(outputs: dict, targets, model, iou_loss: bool | None = None,
 
 
 # ---------------------------------------------------------------------------------------------
-# `python loss.py`: speed against the per-object loop reference (tests/test_loss.py)
+# `python loss.py`: each term on a hand-made case (its speed: python tests/bench.py loss)
 # ---------------------------------------------------------------------------------------------
-def _median_ms(fn, repeats: int) -> float:
-    fn()                                                                       # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1000 * sorted(times)[len(times) // 2]
+DEMO_OBJECTS = (   # [class, cx, cy, w, h, mix] in a 64 x 64 input; centres mid-cell at stride 8
+    (0, 12, 12, 12, 14, 1.0),     # nearest anchor (10, 13)
+    (1, 36, 20, 18, 28, 1.0),     # nearest anchor (16, 30)
+    (2, 44, 44, 32, 30, 1.0),     # closer to the free slot's 32 x 32 than to any fixed anchor
+    (1, 28, 36, 56, 48, 1.0),     # nearest anchor (62, 45): stride 16, not the level shown
+)
 
 
-def _benchmark(batch=16, size=608, objects=20, num_classes=80) -> None:
-    """Assignment + loss for a 608 batch of 16 with 20 objects per image on random raw outputs
-    of the real head shapes; `ms_per_batch` is the forward pass of compute_loss with autograd
-    recording, as in training."""
-    import sys
-    from pathlib import Path
+def _demo_assignment(gt: GroundTruth, assign: LevelAssignment, st: SlotTargets, ignored: Tensor,
+                     anchors: Tensor) -> int:
+    """One line per object: its best anchor, the free slot's IoU, the slot and cell it gets; then
+    the ignored slots that are not positive (returns their number)."""
+    from head import ANCHOR_MASKS
+    print("object  class  (cx, cy, w, h)      best anchor  IoU   free-slot IoU  slot  cell (i, j)")
+    for k, (cls, box) in enumerate(zip(gt.cls.tolist(), gt.box.tolist())):
+        best = int(shape_iou(gt.box[k, 2:], anchors).argmax())
+        shown = "(" + ", ".join(f"{v:g}" for v in box) + ")"
+        where = f"{shown:<20}{str(tuple(anchors[best].int().tolist())):<13}"
+        rows = (assign.gt == k).nonzero().flatten().tolist()
+        if not rows:
+            stride = next(s for s, mask in ANCHOR_MASKS.items() if best in mask)
+            print(f"{k:>6}  {cls:>5}  {where}its level is stride {stride}: background here")
+            continue
+        r = rows[0]
+        slot = int(assign.slot[r])
+        takeover = "  (the anchor-free slot takes it)" if slot == FREE_SLOT else ""
+        print(f"{k:>6}  {cls:>5}  {where}{assign.best_iou[r]:.2f}  {assign.free_iou[r]:>13.2f}  "
+              f"{slot:>4}  ({int(assign.i[r])}, {int(assign.j[r])}){takeover}")
+    extra = ignored.flatten().clone()                                             # (B*S*H*W,)
+    extra[st.pos] = False                                 # positives are never ignored
+    _, s, j, i = torch.unravel_index(extra.nonzero().flatten(), ignored.shape)    # (K,) each
+    where = [f"slot {a} of cell ({b}, {c})" for a, b, c in zip(s.tolist(), i.tolist(), j.tolist())]
+    print(f"\n{len(st.pos)} positive slots. Ignored (decoded box IoU > 0.7 with an object, so no "
+          f"objectness loss): {', '.join(where) or 'none'}. Every other slot is a negative.\n")
+    return len(where)
 
-    from head import Detector
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent / "tests"))
-    from test_loss import reference_loss
-
-    torch.manual_seed(0)
-    model = Detector(num_classes, width=0.25, depth=0.34)   # the loss reads anchors and slots only
-    outputs = {s: {"pred": torch.randn(batch, 4, 5 + num_classes, size // s, size // s),
-                   "shape": 0.5 * torch.randn(batch, 4, 2, size // s, size // s)} for s in STRIDES}
-    for o in outputs.values():
-        o["pred"].requires_grad_(), o["shape"].requires_grad_()
-    targets = [torch.cat([torch.randint(0, num_classes, (objects, 1)).float(),
-                          torch.rand(objects, 2) * size,
-                          torch.exp(torch.empty(objects, 2).uniform_(2.0, 6.0)),   # 7..400 px
-                          torch.ones(objects, 1)], dim=1) for _ in range(batch)]
-    levels = {s: Level(s, o["pred"], o["shape"], model.slot_sizes(s)) for s, o in outputs.items()}
-
-    def assignment():
-        gt = prepare_targets(targets, num_classes, (size, size))
-        assign = assign_targets(gt, model.anchors, levels)
-        return [slot_targets(assign[s], 4, tuple(level.pred.shape[-2:]), True)
-                for s, level in levels.items()]
-
-    def ignore():
-        gt = prepare_targets(targets, num_classes, (size, size))
-        return [ignore_mask(level, gt, 0.7) for level in levels.values()]
-
-    def backward():
-        compute_loss(outputs, targets, model)["total"].backward()
-
-    ms = {"assignment": _median_ms(assignment, 10), "ignore": _median_ms(ignore, 10),
-          "loss": _median_ms(lambda: compute_loss(outputs, targets, model), 10),
-          "loss+backward": _median_ms(backward, 5),
-          "loop": _median_ms(lambda: reference_loss(outputs, targets, model), 3)}
-    print(f"compute_loss: {batch} images at {size}, {objects} objects each, {num_classes} classes, "
-          f"{torch.get_num_threads()} threads (median ms)")
-    print(f"  {'assignment (targets, levels, slots)':<40}{ms['assignment']:>9.1f}")
-    print(f"  {'ignore masks (3 levels)':<40}{ms['ignore']:>9.1f}")
-    print(f"  {'compute_loss forward (all of it)':<40}{ms['loss']:>9.1f}")
-    print(f"  {'compute_loss forward + backward':<40}{ms['loss+backward']:>9.1f}")
-    print(f"  {'per-object loop reference, forward':<40}{ms['loop']:>9.1f}")
-    print(json.dumps({"ms_per_batch": round(ms["loss"], 2),
-                      "ms_per_batch_loop_reference": round(ms["loop"], 2),
-                      "ms_assignment": round(ms["assignment"], 2),
-                      "ms_ignore": round(ms["ignore"], 2),
-                      "ms_forward_backward": round(ms["loss+backward"], 2), "batch": batch,
-                      "size": size, "objects_per_image": objects,
-                      "threads": torch.get_num_threads()}))
+def _demo() -> dict[str, tuple[float, float]]:
+    """The six terms of level_loss at stride 8 for DEMO_OBJECTS, when the head predicts zeros
+    everywhere: every box is its slot's anchor at its cell's centre (the guided anchor exp(0)
+    times the base size), every objectness and class probability 0.5. Each term is printed
+    beside the same sum worked out from the numbers in the assignment table; returns
+    {term: (value, by hand)} (tests/test_loss.py checks them)."""
+    from head import ANCHOR_MASKS, FREE_SLOT_SCALE, RELEASED_ANCHORS
+    stride, size, C = 8, 64, 3
+    H = W = size // stride
+    sizes = torch.tensor([RELEASED_ANCHORS[a] for a in ANCHOR_MASKS[stride]]
+                         + [(FREE_SLOT_SCALE * stride,) * 2], dtype=torch.float32)  # (4, 2)
+    level = Level(stride, torch.zeros(1, 4, 5 + C, H, W), torch.zeros(1, 4, 2, H, W), sizes)
+    anchors = torch.tensor(RELEASED_ANCHORS, dtype=torch.float32)                 # (9, 2)
+    gt = prepare_targets([torch.tensor(DEMO_OBJECTS)], C, (size, size))
+    assign = assign_targets(gt, anchors, {stride: level})[stride]
+    st = slot_targets(assign, 4, (H, W), guided=True)
+    ignored = ignore_mask(level, gt, 0.7)                                         # (1, 4, H, W)
+    terms = level_loss(level, gt, assign, st, ignored, iou_loss=True, shape_loss=True,
+                       iou_form="1-iou^2", label_smooth=True)
+    print(f"One {size} x {size} image, {C} classes, the stride-{stride} level: {H} x {W} cells x 4 "
+          f"slots (anchors {', '.join(str(tuple(a)) for a in sizes[:3].int().tolist())} and the "
+          f"anchor-free slot's {int(sizes[3, 0])} x {int(sizes[3, 1])}).\nThe head predicts 0 "
+          "everywhere: each box is its slot's anchor centred in its cell, each probability 0.5.\n")
+    n_ignored = _demo_assignment(gt, assign, st, ignored, anchors)
+    box = gt.box[assign.gt]                                                       # (n, 4)
+    weight = 2 - box[:, 2] * box[:, 3] / size ** 2        # box_weight: small boxes count more
+    pos_iou = torch.where(assign.slot == FREE_SLOT, assign.free_iou, assign.best_iou)  # (n,)
+    pos_wh = sizes[assign.slot]                                                   # (n, 2)
+    ln2, negatives = math.log(2), 4 * H * W - len(st.pos) - n_ignored
+    by_hand = {
+        "anchor": ((1 - assign.best_iou ** 2) + (1 - assign.free_iou ** 2)).sum(),
+        "iou": (weight * (1 - pos_iou ** 2)).sum(),
+        "xy": weight.sum() * 2 * ln2,
+        "wh": (weight[:, None] * torch.log(box[:, 2:] / pos_wh).abs()).sum(),
+        "obj": (negatives + len(st.pos)) * ln2, "cls": len(st.pos) * C * ln2}
+    meaning = {
+        "anchor": "sum of 1 - IoU^2 of the guided shape, at the anchor slot and the free slot",
+        "iou": "sum of w_box (1 - IoU^2) of the decoded box (here centred on the object)",
+        "xy": "sum of w_box BCE(0, 0.5) = w_box ln 2 for x and y (centres mid-cell)",
+        "wh": "sum of w_box |0 - log(w / anchor w)| + the same for h",
+        "obj": f"ln 2 per slot not ignored: {negatives} negatives + {len(st.pos)} positives",
+        "cls": f"ln 2 per class ({C}) and positive ({len(st.pos)}), whatever the target"}
+    print(f"{'term':<8}{'value':>8}{'by hand':>9}   how (w_box = 2 - w h / {size}^2, "
+          f"{', '.join(f'{w:.3f}' for w in weight.tolist())})")
+    for name in meaning:
+        print(f"{name:<8}{terms[name].item():>8.3f}{float(by_hand[name]):>9.3f}   {meaning[name]}")
+    print("\nEach is a sum divided by the batch size (1 here); compute_loss adds the three levels, "
+          "and total = anchor + iou + xy + wh + obj + cls.")
+    return {name: (terms[name].item(), float(by_hand[name])) for name in meaning}
 
 
 if __name__ == "__main__":
-    import argparse
-
-    parser = argparse.ArgumentParser(description="time compute_loss against the loop reference")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads (default: torch's; 1 is steadier on a busy machine)")
-    if (threads := parser.parse_args().threads) is not None:
-        torch.set_num_threads(threads)
-    _benchmark()
+    _demo()

@@ -10,7 +10,7 @@ How to run it:
     python train.py --resume runs/asff/last.pt     # continue exactly where it stopped
     python train.py --train-images my/train --train-ann my/train.json --val-images my/val \\
         --val-ann my/val.json                     # any COCO-format set, its own categories
-    python train.py --benchmark 3 --size-max 416 --batch-size 4    # training throughput
+    python tests/bench.py train --steps 3 --size-max 416 --batch-size 4   # training throughput
 
 Paper rows (flags on top of the defaults):
     YOLOv3 (Table 1, 33.0 AP)     --fusion none --no-guided --no-spp --no-mixup
@@ -24,9 +24,9 @@ and the iteration only), forward, loss.compute_loss, the loss terms averaged ove
 non-finite one stops the run before the step), backward, SGD step, EMA. Per epoch: the mixup
 switch and the DropBlock schedule, evaluation every --eval-every epochs, last.pt / best.pt.
 
-Defaults follow the paper where it is explicit and the release (official-asff-facts.md sec. 9)
-where it is silent; each departure has a flag for the other choice (README, "Where the released
-code departs from the paper"): lr 1e-3 per 64 images scaled linearly with the total batch
+Defaults follow the paper where it is explicit and the release (docs/released-code.md) where it
+is silent; each departure has a flag for the other choice (README, "Where the released code
+departs from the paper"): lr 1e-3 per 64 images scaled linearly with the total batch
 (--no-scale-lr: the release's flat 1e-3); linear warm-up over 4/300 then one per-iteration
 cosine to 1e-5 (--schedule released: (it/W)^4 over 5 epochs, flat to epoch 20, cosine per epoch
 to epoch 270, then flat); mixup off for the last 30/300 (release: 29, --mixup-off 0.0967);
@@ -36,7 +36,7 @@ at 608); crowd boxes left out (--include-crowd). SPP (--no-spp), the (121, 240) 
 (--anchors yolov3), label smoothing (--no-label-smooth), 1 - IoU^2 (--iou-form='-ln(iou)') and
 the DropBlock schedule follow the release. Every epoch count of the schedule is a fraction of
 --epochs, so a shorter run keeps the same shape. With no --data the DEMO settings below replace
-the defaults (flags given still win). `--benchmark N` times N training steps and exits.
+the defaults (flags given still win).
 
 Run folder (--out): last.pt (every epoch, on SIGTERM/SIGINT and at the end), best.pt (best AP),
 log.jsonl (progress and evaluation records), metrics.json (AP, AP50, AP75, APs, APm, APl in
@@ -160,8 +160,6 @@ class Config:
     log_every: int = opt(10, "iterations between progress lines (release: 10)")
     eval_every: int = opt(10, "epochs between evaluations (release: 10)")
     max_iters: int = opt(0, "stop after this many iterations, schedule unchanged (0: no limit)")
-    benchmark: int = opt(0, "time this many training steps on random inputs at --size-max, print "
-                            "a table and a JSON line, and exit (no data set, no checkpoint)")
 
 
 # The CPU demo (no --data): a small ASFF trained from scratch on data.make_synthetic's shapes.
@@ -176,14 +174,14 @@ DEMO = dict(out="runs/demo", width=0.25, depth=0.33, epochs=15, batch_size=16,
             lr=4e-2, min_lr=4e-4, warmup=0.05, clip_grad=10.0, mixup=False, augment=False,
             size_min=128, size_max=192, eval_size=192, workers=0, eval_every=5)
 
-# ASFF* DropBlock schedule as released (facts sec. 9), epochs as fractions of the schedule:
-# off before 5/300, then block sizes per stride with keep probability 0.9.
+# ASFF* DropBlock schedule as released (docs/released-code.md, DropBlock schedule), epochs as
+# fractions of the schedule: off before 5/300, then block sizes per stride with keep 0.9.
 DROPBLOCK = ((5 / 300, {32: 1, 16: 3, 8: 5}), (80 / 300, {32: 3, 16: 5, 8: 7}),
              (150 / 300, {32: 7, 16: 7, 8: 7}))
 DROPBLOCK_KEEP = 0.9
 TERMS = ("total", "anchor", "iou", "l1", "obj", "cls")             # what the progress line shows
 RESUME_MAY_DIFFER = ("out", "resume", "max_iters", "log_every", "eval_every", "workers", "threads",
-                     "benchmark")
+                     "benchmark")    # benchmark: a field of checkpoints older than tests/bench.py
 CHOICES = {"fusion": (None, "sum", "concat", "asff"), "anchors": ("auto", "released", "yolov3"),
            "schedule": ("paper", "released"), "iou_form": IOU_FORMS,
            "amp": ("auto", "none", "bf16", "fp16")}
@@ -204,7 +202,7 @@ def parse_config(argv: list[str] | None = None) -> Config:
             parser.add_argument("--" + f.name.replace("_", "-"), type=convert,
                                 metavar=base.__name__.upper(), **kwargs)
     given = vars(parser.parse_args(argv))
-    real = given.get("data") or given.get("train_ann") or given.get("benchmark")
+    real = given.get("data") or given.get("train_ann")
     cfg = Config(**({} if real else DEMO) | given)
     custom = (cfg.train_images, cfg.train_ann, cfg.val_images, cfg.val_ann)
     if any(custom) and not all(custom):
@@ -237,7 +235,7 @@ def lr_at(cfg: Config, iteration: int, total_iters: int, world: int) -> float:
 
 
 def released_lr(cfg: Config, iteration: int, total_iters: int, base: float, final: float) -> float:
-    """The release's schedule (facts sec. 9) with its epochs as fractions of cfg.epochs:
+    """The release's schedule (docs/released-code.md, schedule), epochs as fractions of cfg.epochs:
     base * (it / W)^4 over the first 5/300 (W iterations), base until epoch 20/300, then a
     cosine stepped once per epoch that reaches `final` at epoch 270/300 and stays there."""
     per_epoch = total_iters / cfg.epochs
@@ -528,59 +526,9 @@ def train_step(ddp, model, batches, size: int, cfg: Config, optimizer, scaler, a
 
 
 # ---------------------------------------------------------------------------------------------
-# --benchmark: training throughput on random inputs (a table, then one JSON line)
-# ---------------------------------------------------------------------------------------------
-def random_batches(n: int, batch: int, size: int, num_classes: int, objects: int = 8) -> list:
-    """n batches of random images (B, 3, size, size) with `objects` random boxes per image."""
-    g = torch.Generator().manual_seed(0)
-    box = lambda: torch.cat([torch.randint(num_classes, (objects, 1), generator=g).float(),  # noqa: E731
-                             size * (0.1 + 0.8 * torch.rand(objects, 2, generator=g)),    # cx, cy
-                             size * (0.05 + 0.4 * torch.rand(objects, 2, generator=g)),   # w, h
-                             torch.ones(objects, 1)], dim=1)                              # (O, 6)
-    return [(torch.randn(batch, 3, size, size, generator=g), [box() for _ in range(batch)])
-            for _ in range(n)]
-
-
-def benchmark_steps(cfg: Config, device: torch.device, num_classes: int = 80) -> str:
-    """cfg.benchmark timed train_step calls (forward, loss, backward, SGD step) of the configured
-    model at size_max, after one untimed step; a tiny lr keeps random weights finite."""
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg, num_classes).to(device)
-    set_train_mode(model, cfg.freeze_bn)
-    optimizer = torch.optim.SGD(param_groups(model, cfg.weight_decay, cfg.decay_all), lr=1e-6,
-                                momentum=cfg.momentum)
-    amp_dtype = amp_dtype_for(cfg, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    size, per_step = cfg.size_max, cfg.batch_size * cfg.accumulate
-    batches = iter(random_batches((cfg.benchmark + 1) * cfg.accumulate, cfg.batch_size, size,
-                                  num_classes))
-    step = lambda: train_step(model, model, batches, size, cfg, optimizer, scaler,  # noqa: E731
-                              amp_dtype, device, 1)
-    seconds = [evaluate.timed_ms(step, device)[0] / 1000 for _ in range(cfg.benchmark + 1)]
-    timed = sorted(seconds[1:])
-    median = timed[len(timed) // 2]
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else \
-        f"cpu, {torch.get_num_threads()} threads"
-    summary = {"images_per_s": round(per_step / median, 3), "s_per_step": round(median, 4),
-               "batch": per_step, "size": size, "fusion": cfg.fusion or "none", "rfb": cfg.rfb,
-               "width": cfg.width, "depth": cfg.depth, "device": where, "amp": str(amp_dtype),
-               "peak_mb": round(peak_memory_mb(device)), "steps_timed": len(timed)}
-    lines = [f"training throughput: Detector(fusion={cfg.fusion!r}, rfb={cfg.rfb}, width "
-             f"{cfg.width}, depth {cfg.depth}) on {where}, amp {amp_dtype}, batch {per_step} at "
-             f"{size}x{size}", f"{'step':>6}{'seconds':>10}{'images/s':>10}"]
-    lines += [f"{k:>6}{t:>10.2f}{per_step / t:>10.2f}" + ("  (untimed warm-up)" if k == 0 else "")
-              for k, t in enumerate(seconds)]
-    lines.append(f"median {median:.2f} s per step = {per_step / median:.2f} images/s; peak memory "
-                 f"{summary['peak_mb']} MB")
-    return "\n".join(lines + [json.dumps(summary)])
-
-
-# ---------------------------------------------------------------------------------------------
 # The run
 # ---------------------------------------------------------------------------------------------
-def main(argv: list[str] | None = None) -> Detector | None:
+def main(argv: list[str] | None = None) -> Detector:
     """Train as the command line says; returns the trained model (rank-local copy)."""
     cfg = parse_config(argv)
     # torchrun sets RANK / LOCAL_RANK / WORLD_SIZE; a plain `python train.py` is rank 0 of 1.
@@ -590,9 +538,6 @@ def main(argv: list[str] | None = None) -> Detector | None:
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
-    if cfg.benchmark:
-        print(benchmark_steps(cfg, device))
-        return None
     if world > 1:
         dist.init_process_group("nccl" if cuda else "gloo")
     stop = {"signal": None}                 # SIGTERM / SIGINT: save last.pt at the next step

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from darknet import DarkNet53, DropBlock, Pyramid, read_darknet_weights, write_darknet_weights
+from darknet import DarkNet53, DropBlock, FiveConv, Pyramid, read_darknet_weights, write_darknet_weights
 from head import Detector
 
 
@@ -98,3 +98,20 @@ def test_backbone_file_and_truncated_file(tmp_path):
         read_darknet_weights(tmp_path / "long.weights", target.darknet_layers())
     header = np.fromfile(path, dtype="<i4", count=3)
     assert header.tolist() == [0, 2, 0]
+
+
+def test_pyramid_runs_its_blocks_in_the_released_order():
+    """FiveConv.forward: SPP after conv3 at stride 32, and each DropBlock where the release put
+    it (baseline module_list 16, 24, 33): after conv4 at stride 32, after conv2 at 16 and 8."""
+    pyramid, order = Pyramid(width=0.125), []
+    for name, child in pyramid.named_children():          # a FiveConv's parts, or a lateral conv
+        parts = child.named_children() if isinstance(child, FiveConv) else [("", child)]
+        for part, module in parts:
+            label = f"{name}.{part}" if part else name
+            module.register_forward_hook(lambda m, i, o, label=label: order.append(label))
+    pyramid(DarkNet53(width=0.125, depth=0.34)(torch.randn(1, 3, 64, 64)))
+    assert order == ["s32.conv1", "s32.conv2", "s32.conv3", "s32.spp", "s32.spp_reduce",
+                     "s32.conv4", "s32.drop", "s32.conv5", "s16_lateral",
+                     "s16.conv1", "s16.conv2", "s16.drop", "s16.conv3", "s16.conv4", "s16.conv5",
+                     "s8_lateral",
+                     "s8.conv1", "s8.conv2", "s8.drop", "s8.conv3", "s8.conv4", "s8.conv5", "s8_out"]

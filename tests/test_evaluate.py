@@ -17,6 +17,7 @@ from PIL import Image
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+import bench
 import evaluate as ev
 
 COCO_IDS = [i for i in range(1, 91) if i not in (12, 26, 29, 30, 45, 66, 68, 69, 71, 83)]
@@ -520,12 +521,19 @@ def test_model_of_another_class_count_is_refused_naming_both(tmp_path):
         ev.evaluate(head.Detector(**SMALL | {"num_classes": 7}), dataset, size=64, verbose=False)
 
 
-def test_speed_report_ends_with_the_json_line():
-    pytest.importorskip("head")
+def test_speed_report_ends_with_the_json_line(capsys):
+    """tests/bench.py speed: the JSON summary (the last line printed) holds the overhead of each
+    variant over the baseline, computed from the medians of speed_benchmark."""
     variants = ("baseline", "asff")
-    bench = ev.benchmark(sizes=(64,), variants=variants, runs=1, warmup=0, width=0.125,
-                         depth=0.34, verbose=False)
-    last = json.loads(ev.speed_report(bench, (64,), variants, "tiny").splitlines()[-1])
-    ratio = bench["forward"][(False, 64, "asff")] / bench["forward"][(False, 64, "baseline")] - 1
+    timings = bench.speed_benchmark(sizes=(64,), variants=variants, runs=1, warmup=0,
+                                    width=0.125, depth=0.34, verbose=False)
+    table, last = bench.speed_report(timings, (64,), variants)
+    ratio = timings["forward"][(False, 64, "asff")] / timings["forward"][(False, 64, "baseline")] - 1
     assert last["asff_overhead_64"] == pytest.approx(ratio, abs=1e-4)
     assert last["decode_nms_ms_64"] > 0 and "forward_folded_ms_asff_64" in last
+    assert [line.split()[:2] for line in table.splitlines()[1:3]] == [["baseline", "64"],
+                                                                    ["asff", "64"]]
+    summary = bench.main(["speed", "--variants", *variants, "--speed-sizes", "64", "--runs", "1",
+                          "--warmup", "0", "--width", "0.125", "--depth", "0.34", "--no-fold"])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == summary
+    assert "asff_overhead_64" in summary and "forward_folded_ms_asff_64" not in summary

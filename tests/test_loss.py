@@ -769,3 +769,17 @@ def test_overfit_small_model_on_two_synthetic_images():
         iou = loss.box_iou(found[:, None, :4], t[None, :, 1:5])             # (found, objects)
         same = found[:, 5:].argmax(dim=1)[:, None] == t[None, :, 0].long()
         assert ((iou * same).amax(dim=0) > 0.9).all(), iou
+
+
+def test_demo_terms_equal_their_hand_sums(capsys):
+    """`python loss.py`: on its zero-prediction case each term equals the sum its line states
+    (ln 2 per objectness slot and class, w_box ln 2 per coordinate, 1 - IoU^2 of the shapes),
+    and the object nearer the 32 x 32 free slot than any anchor is taken by the free slot."""
+    terms = loss._demo()
+    assert set(terms) == {"anchor", "iou", "xy", "wh", "obj", "cls"}
+    for name, (value, by_hand) in terms.items():
+        assert value == pytest.approx(by_hand, rel=1e-5), name
+    assert terms["cls"][0] == pytest.approx(3 * 3 * math.log(2), rel=1e-6)   # 3 positives x 3 classes
+    assert terms["obj"][0] == pytest.approx(255 * math.log(2), rel=1e-6)     # 256 slots, 1 ignored
+    printed = capsys.readouterr().out
+    assert "(the anchor-free slot takes it)" in printed and "its level is stride 16" in printed

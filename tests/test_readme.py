@@ -1,8 +1,9 @@
 """README.md runs: every command in its ```bash blocks is either what CI runs (.ci/run: the
-install and test commands) or is run here in a shortened form - train.py and evaluate.py with a
-tiny model at 64 px for one iteration (`SHORT`), on the synthetic set, on a fake COCO root for
-`/coco` (synthetic images under COCO's folder layout and its 80 category ids) and on fake weight
-files of the right format for the released checkpoints, darknet's files and the backbone.
+install and test commands) or is run here in a shortened form - train.py, evaluate.py and the
+benchmarks of tests/bench.py with a tiny model at 64 px for one iteration (`SHORT`, `BENCH`), on
+the synthetic set, on a fake COCO root for `/coco` (synthetic images under COCO's folder layout
+and its 80 category ids) and on fake weight files of the right format for the released
+checkpoints, darknet's files and the backbone.
 The ```python blocks run as they are. Commands run in README order in one work folder, so a
 later command finds what an earlier one wrote (`--resume runs/demo/last.pt`)."""
 
@@ -22,6 +23,7 @@ import pytest
 import torch
 
 import asff
+import bench
 import darknet
 import data
 import evaluate
@@ -41,7 +43,15 @@ SHORT = {
                      "--eval-size", "64", "--workers", "0", "--synthetic-train", "8",
                      "--synthetic-val", "4", "--threads", "1", "--log-every", "1"],
     "evaluate": ["--limit", "2", "--size", "64", "--batch", "2", "--threads", "1"],
-    "speed": TINY + ["--runs", "1", "--warmup", "0", "--speed-sizes", "64", "--threads", "1"],
+}
+BENCH = {   # tests/bench.py: the flags that shorten each subcommand, and a key of its JSON line
+    "loss": (["--batch", "2", "--size", "64", "--objects", "3"], "ms_per_batch"),
+    "data": (["--images", "4", "--batches", "2", "--batch-size", "2", "--size", "64"],
+             "images_per_s_per_worker"),
+    "train": (TINY + ["--steps", "1", "--size-max", "64", "--batch-size", "2", "--threads", "1"],
+              "images_per_s"),
+    "speed": (TINY + ["--runs", "1", "--warmup", "0", "--speed-sizes", "64", "--threads", "1"],
+              "asff_overhead_64"),
 }
 
 
@@ -179,17 +189,9 @@ def localise(args: list[str], ws: Path) -> list[str]:
 
 
 def run_train(args: list[str]) -> None:
-    if "--benchmark" in args:
-        short = SHORT["train"] + ["--benchmark", "1"]
-    elif "--resume" in args:
-        short = SHORT["train"] + ["--max-iters", "2"]
-    else:
-        short = SHORT["train"]
+    short = SHORT["train"] + (["--max-iters", "2"] if "--resume" in args else [])
     given = train.parse_config(args)
-    result = train.main(args + short)
-    if given.benchmark:
-        assert result is None
-        return
+    train.main(args + short)
     ckpt = torch.load(Path(given.out) / "last.pt", weights_only=True)
     assert ckpt["iteration"] == (2 if given.resume else 1)
     shortened = {a.lstrip("-").replace("-", "_") for a in short if a.startswith("--")}
@@ -201,13 +203,10 @@ def run_train(args: list[str]) -> None:
 
 def run_evaluate(args: list[str]) -> None:
     out = io.StringIO()
-    short = SHORT["speed"] if "--speed" in args else SHORT["evaluate"] if args else []
     with contextlib.redirect_stdout(out):
-        evaluate.main(args + short)
+        evaluate.main(args + (SHORT["evaluate"] if args else []))
     printed = out.getvalue()
-    if "--speed" in args:
-        assert "asff_overhead_64" in json.loads(printed.strip().splitlines()[-1])
-    elif "--show" in args:
+    if "--show" in args:
         assert "figure3_" in printed
     elif "--test-dev" in args:
         assert "for the COCO test-dev server" in printed
@@ -215,6 +214,15 @@ def run_evaluate(args: list[str]) -> None:
         assert "AP50" in printed and "evaluated 2 images" in printed
     else:
         assert "postprocess" in printed                       # the help and the toy example
+
+
+def run_bench(args: list[str]) -> None:
+    """A benchmark shortened (later flags win); its last line is the JSON object it returns."""
+    short, key = BENCH[args[0]]
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        summary = bench.main(args + short)
+    assert key in summary and json.loads(out.getvalue().strip().splitlines()[-1]) == summary
 
 
 def run_exercise(args: list[str], work: dict) -> None:
@@ -233,11 +241,9 @@ SCRIPTS = {
     "asff.py": lambda args: asff._demo(),
     "darknet.py": lambda args: darknet._demo(),
     "head.py": lambda args: head._demo(sizes=(64,)),
-    "loss.py": lambda args: loss._benchmark(batch=2, size=64, objects=3),
-    "data.py": lambda args: (data.benchmark(n_images=4, batches=2, batch_size=2, size=64)
-                             if "--benchmark" in args else
-                             data.demo(args[args.index("--out") + 1] if "--out" in args else "runs",
-                                       None, 0)),
+    "loss.py": lambda args: loss._demo(),
+    "data.py": lambda args: data.demo(args[args.index("--out") + 1] if "--out" in args else "runs",
+                                      None, 0),
 }
 
 
@@ -256,6 +262,8 @@ def test_readme_command_runs(argv, work):
         run_evaluate(args)
     elif name == "tests/exercise.py":
         run_exercise(args, work)
+    elif name == "tests/bench.py":
+        run_bench(args)
     else:
         assert name in SCRIPTS, f"README command {argv} is not run by any test"
         out = io.StringIO()

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import bench
 import train
 from head import Detector
 
@@ -66,8 +67,9 @@ def test_lr_schedule_paper_values():
 
 
 def test_released_lr_schedule_values():
-    """--schedule released (facts sec. 9): (it/W)^4 over 5 epochs, flat to 20, cosine stepped
-    per epoch to 1e-5 at epoch 270, flat after; --no-scale-lr: the flat 1e-3 of 5 per GPU."""
+    """--schedule released (docs/released-code.md, schedule): (it/W)^4 over 5 epochs, flat to 20,
+    cosine stepped per epoch to 1e-5 at epoch 270, flat after; --no-scale-lr: the flat 1e-3 of 5
+    per GPU."""
     cfg = train.Config(epochs=300, batch_size=5, schedule="released", scale_lr=False)
     per_epoch = 100
     total = 300 * per_epoch
@@ -103,7 +105,7 @@ def test_flags_reach_the_model_the_optimizer_and_the_loss(monkeypatch):
     monkeypatch.setattr(train, "compute_loss",
                         lambda *a, **k: seen.append(k["iou_form"]) or {t: torch.tensor(float("nan"))
                                                                        for t in train.TERMS})
-    batch = iter(train.random_batches(1, 1, 64, 5))
+    batch = iter(bench.random_batches(1, 1, 64, 5))
     with pytest.raises(train.NonFiniteLoss):
         train.train_step(model, model, batch, 64, train.parse_config(["--iou-form=-ln(iou)"]),
                          None, None, None, torch.device("cpu"), 1)
@@ -114,11 +116,13 @@ def test_flags_reach_the_model_the_optimizer_and_the_loss(monkeypatch):
 
 
 def test_benchmark_prints_a_table_and_a_json_line(capsys):
-    """--benchmark N: N timed steps after one untimed; the JSON line states what was timed."""
-    assert train.main(["--benchmark", "2", "--width", "0.125", "--depth", "0.33", "--size-max",
-                       "64", "--batch-size", "2", "--threads", "1"]) is None
+    """tests/bench.py train --steps N: N timed steps after one untimed; the JSON line states what
+    was timed (and is what bench.main returns)."""
+    summary = bench.main(["train", "--steps", "2", "--width", "0.125", "--depth", "0.33",
+                          "--size-max", "64", "--batch-size", "2", "--threads", "1"])
     lines = capsys.readouterr().out.strip().splitlines()
     result = json.loads(lines[-1])
+    assert result == summary
     assert result["batch"] == 2 and result["size"] == 64 and result["steps_timed"] == 2
     assert result["fusion"] == "asff" and result["width"] == 0.125       # not the demo's model
     assert result["images_per_s"] == pytest.approx(2 / result["s_per_step"], rel=0.02)  # rounding

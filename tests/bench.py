@@ -1,0 +1,470 @@
+"""Benchmarks: how fast the loss, the data loader, a training step and the detector run (the
+speed column of Tables 3-4). Each subcommand prints a table and, as its last line, one JSON
+object of its figures (scripts read those keys; keep them stable).
+
+    python tests/bench.py loss [--threads 1]          compute_loss against the per-object loop
+    python tests/bench.py data                        one DataLoader worker, mixup + augmentation
+    python tests/bench.py train --steps 3 --size-max 416 --batch-size 4 [train.py's flags]
+                                                      training steps of train.py's model
+    python tests/bench.py speed [--runs 5 --threads 1 --half --device cuda --speed-sizes 608]
+                                                      Tables 3-4: forward of baseline / sum /
+                                                      concat / ASFF / ASFF*, decode + NMS
+
+Everything here only measures: the code it times lives in the concept files (loss.py,
+data.py, train.py, evaluate.py, head.py). No library file imports this one.
+"""
+
+import argparse
+import contextlib
+import json
+import os
+import resource
+import sys
+import tempfile
+import time
+from functools import partial
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # `python tests/bench.py` from anywhere
+
+import data  # noqa: E402
+import evaluate  # noqa: E402
+import loss  # noqa: E402
+import train  # noqa: E402
+from head import ANCHOR_MASKS, FREE_SLOT_SCALE, RELEASED_ANCHORS, STRIDES, Detector, decode_level  # noqa: E402
+from test_loss import reference_loss  # noqa: E402
+
+
+def timed_ms(fn, device: torch.device) -> tuple[float, float]:
+    """(wall ms, process CPU ms) of fn(), CUDA-synchronised on a GPU. On a CPU shared with other
+    jobs the CPU time is the steadier figure: it does not count the time other jobs hold the cores
+    (with --threads 1 it is exactly this call's compute)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    wall, cpu = time.perf_counter(), time.process_time()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - wall) * 1000, (time.process_time() - cpu) * 1000
+
+
+def median_ms(fn, repeats: int) -> float:
+    """Median wall ms of `repeats` calls of fn() after one untimed call (the upper one of an even
+    count)."""
+    fn()                                                                       # warm-up
+    times = sorted(timed_ms(fn, torch.device("cpu"))[0] for _ in range(repeats))
+    return times[len(times) // 2]
+
+
+# ---------------------------------------------------------------------------------------------
+# loss: compute_loss against the per-object loop reference of tests/test_loss.py
+# ---------------------------------------------------------------------------------------------
+def loss_benchmark(batch: int = 16, size: int = 608, objects: int = 20, num_classes: int = 80) -> dict:
+    """Assignment + loss for a batch of `batch` images at `size` with `objects` objects each, on
+    random raw outputs of the real head shapes; `ms_per_batch` is the forward pass of
+    compute_loss with autograd recording, as in training."""
+    torch.manual_seed(0)
+    model = Detector(num_classes, width=0.25, depth=0.34)   # the loss reads anchors and slots only
+    outputs = {s: {"pred": torch.randn(batch, 4, 5 + num_classes, size // s, size // s),
+                   "shape": 0.5 * torch.randn(batch, 4, 2, size // s, size // s)} for s in STRIDES}
+    for o in outputs.values():
+        o["pred"].requires_grad_(), o["shape"].requires_grad_()
+    targets = [torch.cat([torch.randint(0, num_classes, (objects, 1)).float(),
+                          torch.rand(objects, 2) * size,
+                          torch.exp(torch.empty(objects, 2).uniform_(2.0, 6.0)),   # 7..400 px
+                          torch.ones(objects, 1)], dim=1) for _ in range(batch)]
+    levels = {s: loss.Level(s, o["pred"], o["shape"], model.slot_sizes(s))
+              for s, o in outputs.items()}
+
+    def assignment():
+        gt = loss.prepare_targets(targets, num_classes, (size, size))
+        assign = loss.assign_targets(gt, model.anchors, levels)
+        return [loss.slot_targets(assign[s], 4, tuple(level.pred.shape[-2:]), True)
+                for s, level in levels.items()]
+
+    def ignore():
+        gt = loss.prepare_targets(targets, num_classes, (size, size))
+        return [loss.ignore_mask(level, gt, 0.7) for level in levels.values()]
+
+    def backward():
+        loss.compute_loss(outputs, targets, model)["total"].backward()
+
+    ms = {"assignment": median_ms(assignment, 10), "ignore": median_ms(ignore, 10),
+          "loss": median_ms(lambda: loss.compute_loss(outputs, targets, model), 10),
+          "loss+backward": median_ms(backward, 5),
+          "loop": median_ms(lambda: reference_loss(outputs, targets, model), 3)}
+    print(f"compute_loss: {batch} images at {size}, {objects} objects each, {num_classes} classes, "
+          f"{torch.get_num_threads()} threads (median ms)")
+    print(f"  {'assignment (targets, levels, slots)':<40}{ms['assignment']:>9.1f}")
+    print(f"  {'ignore masks (3 levels)':<40}{ms['ignore']:>9.1f}")
+    print(f"  {'compute_loss forward (all of it)':<40}{ms['loss']:>9.1f}")
+    print(f"  {'compute_loss forward + backward':<40}{ms['loss+backward']:>9.1f}")
+    print(f"  {'per-object loop reference, forward':<40}{ms['loop']:>9.1f}")
+    return {"ms_per_batch": round(ms["loss"], 2),
+            "ms_per_batch_loop_reference": round(ms["loop"], 2),
+            "ms_assignment": round(ms["assignment"], 2), "ms_ignore": round(ms["ignore"], 2),
+            "ms_forward_backward": round(ms["loss+backward"], 2), "batch": batch, "size": size,
+            "objects_per_image": objects, "threads": torch.get_num_threads()}
+
+
+# ---------------------------------------------------------------------------------------------
+# data: one DataLoader worker with the full augmentation and mixup
+# ---------------------------------------------------------------------------------------------
+def stage_times(dataset: data.TrainDataset, n: int) -> dict:
+    """Milliseconds per sample of each stage, timed in this process."""
+    times = dict.fromkeys(("decode x2", "mixup", "photometric", "geometry + warp", "collate"), 0.0)
+    for i in range(n):
+        rng, t0 = np.random.default_rng([1, 0, i]), time.perf_counter()
+        (image, rows), (image2, rows2) = dataset._load(i), dataset._load((i + 1) % len(dataset))
+        t1 = time.perf_counter()
+        image, rows = data.mixup(image, rows, image2, rows2, 0.5)
+        t2 = time.perf_counter()
+        image = data.photometric(image, rng)
+        t3 = time.perf_counter()
+        M, _, window = data.geometry(rng, rows, image.size, dataset.size)
+        image = data.warp(image, M, dataset.size, (Image.NEAREST, Image.BILINEAR)[i % 2], window)
+        t4 = time.perf_counter()
+        data.collate([(torch.from_numpy(np.array(image)).permute(2, 0, 1), torch.zeros(0, 6))])
+        t5 = time.perf_counter()
+        for key, dt in zip(times, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4), strict=True):
+            times[key] += 1000 * dt / n
+    return times
+
+
+def private_mb_of_children() -> float:
+    """Private (unshared) memory of this process's children, from Linux's smaps_rollup."""
+    total = 0.0
+    with contextlib.suppress(OSError):
+        for pid in Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children").read_text().split():
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith(("Private_Clean", "Private_Dirty")):
+                    total += int(line.split()[1]) / 1024  # kB
+    return total
+
+
+def data_benchmark(n_images: int = 32, batches: int = 25, batch_size: int = 8, size: int = 608) -> dict:
+    """One DataLoader worker, full augmentation and mixup at `size`, on 640x480 JPEGs."""
+    torch.set_num_threads(1)  # as inside a DataLoader worker
+    with tempfile.TemporaryDirectory() as tmp:
+        data._write_split(Path(tmp), "bench", n_images, 640, 480, 0, 0, fmt="jpg", max_objects=10)
+        images = data.CocoDetection(str(Path(tmp) / "bench"), str(Path(tmp) / "bench.json"))
+        dataset = data.TrainDataset(images, size=size, mixup=True)
+        print(f"{'stage (in-process)':<22}{'ms / image':>12}")
+        for stage, ms in stage_times(dataset, 2 * n_images).items():
+            print(f"{stage:<22}{ms:>12.1f}")
+        sampler = torch.utils.data.RandomSampler(dataset, replacement=True,
+                                                 num_samples=batches * batch_size)
+        loader = torch.utils.data.DataLoader(dataset, batch_size, sampler=sampler, num_workers=1,
+                                             collate_fn=data.collate, prefetch_factor=4)
+        it = iter(loader)
+        next(it)  # worker start-up and first batch are not timed
+        start, n, private_mb = time.perf_counter(), 0, 0.0
+        for batch, _ in it:
+            n += len(batch)
+            private_mb = max(private_mb, private_mb_of_children())
+        seconds = time.perf_counter() - start
+        del it, loader  # joins the worker, so its peak memory is in RUSAGE_CHILDREN
+    worker = resource.getrusage(resource.RUSAGE_CHILDREN)  # the worker, now joined
+    cpu_s = worker.ru_utime + worker.ru_stime  # all its batches: on a shared machine this is
+    result = {  # the figure that does not depend on what else runs
+        "images_per_s_per_worker": round(n / seconds, 1),
+        "images_per_cpu_s_per_worker": round(batches * batch_size / cpu_s, 1),
+        "peak_mb_per_worker": round(worker.ru_maxrss / 1024, 1),
+        "private_mb_per_worker": round(private_mb, 1), "size": size, "mixup": True,
+        "source": "640x480 JPEG", "images_timed": n, "load_average_1min": os.getloadavg()[0]}
+    print(f"one worker, end to end: {result['images_per_s_per_worker']} images/s at {size} "
+          f"({result['images_per_cpu_s_per_worker']} per CPU second), peak RSS "
+          f"{result['peak_mb_per_worker']} MB of which {result['private_mb_per_worker']} MB "
+          "private (the rest is shared with the main process: torch, the data set)")
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# train: train.train_step on random inputs
+# ---------------------------------------------------------------------------------------------
+def train_config(argv: list[str]) -> train.Config:
+    """train.py's flags as a train.Config, without the CPU demo's settings (train.DEMO): the
+    benchmark times the model the flags describe, full size unless --width / --depth say less."""
+    with mock.patch.dict(train.DEMO, clear=True):
+        return train.parse_config(argv)
+
+
+def random_batches(n: int, batch: int, size: int, num_classes: int, objects: int = 8) -> list:
+    """n batches of random images (B, 3, size, size) with `objects` random boxes per image."""
+    g = torch.Generator().manual_seed(0)
+    box = lambda: torch.cat([torch.randint(num_classes, (objects, 1), generator=g).float(),  # noqa: E731
+                             size * (0.1 + 0.8 * torch.rand(objects, 2, generator=g)),    # cx, cy
+                             size * (0.05 + 0.4 * torch.rand(objects, 2, generator=g)),   # w, h
+                             torch.ones(objects, 1)], dim=1)                              # (O, 6)
+    return [(torch.randn(batch, 3, size, size, generator=g), [box() for _ in range(batch)])
+            for _ in range(n)]
+
+
+def train_benchmark(cfg: train.Config, steps: int, device: torch.device,
+                    num_classes: int = 80) -> dict:
+    """`steps` timed train_step calls (forward, loss, backward, SGD step) of the configured
+    model at size_max, after one untimed step; a tiny lr keeps random weights finite."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    model = train.build_model(cfg, num_classes).to(device)
+    train.set_train_mode(model, cfg.freeze_bn)
+    optimizer = torch.optim.SGD(train.param_groups(model, cfg.weight_decay, cfg.decay_all),
+                                lr=1e-6, momentum=cfg.momentum)
+    amp_dtype = train.amp_dtype_for(cfg, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    size, per_step = cfg.size_max, cfg.batch_size * cfg.accumulate
+    batches = iter(random_batches((steps + 1) * cfg.accumulate, cfg.batch_size, size, num_classes))
+    step = lambda: train.train_step(model, model, batches, size, cfg, optimizer,  # noqa: E731
+                                    scaler, amp_dtype, device, 1)
+    seconds = [timed_ms(step, device)[0] / 1000 for _ in range(steps + 1)]
+    timed = sorted(seconds[1:])
+    median = timed[len(timed) // 2]
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else \
+        f"cpu, {torch.get_num_threads()} threads"
+    summary = {"images_per_s": round(per_step / median, 3), "s_per_step": round(median, 4),
+               "batch": per_step, "size": size, "fusion": cfg.fusion or "none", "rfb": cfg.rfb,
+               "width": cfg.width, "depth": cfg.depth, "device": where, "amp": str(amp_dtype),
+               "peak_mb": round(train.peak_memory_mb(device)), "steps_timed": len(timed)}
+    print(f"training throughput: Detector(fusion={cfg.fusion!r}, rfb={cfg.rfb}, width "
+          f"{cfg.width}, depth {cfg.depth}) on {where}, amp {amp_dtype}, batch {per_step} at "
+          f"{size}x{size}")
+    print(f"{'step':>6}{'seconds':>10}{'images/s':>10}")
+    for k, t in enumerate(seconds):
+        print(f"{k:>6}{t:>10.2f}{per_step / t:>10.2f}" + ("  (untimed warm-up)" if k == 0 else ""))
+    print(f"median {median:.2f} s per step = {per_step / median:.2f} images/s; peak memory "
+          f"{summary['peak_mb']} MB")
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------
+# speed (Tables 3-4): forward and decode+NMS timed separately, variants interleaved
+# ---------------------------------------------------------------------------------------------
+SPEED_VARIANTS = {"baseline": dict(fusion=None), "sum": dict(fusion="sum"),
+                  "concat": dict(fusion="concat"), "asff": dict(fusion="asff"),
+                  "asff*": dict(fusion="asff", rfb=True, dropblock=True)}
+PAPER_FPS_608 = {"baseline": 50, "sum": 48, "concat": 42, "asff": 46, "asff*": 45.5}  # V100
+
+
+def realistic_raw(size: int, num_classes: int = 80, n_objects: int = 15, seed: int = 0):
+    """Raw head outputs of a plausible trained model on a (1, 3, size, size) input, to time the
+    decode and NMS on what they see in practice rather than on all-zero scores: n_objects
+    objects; objectness logits ~ N(-12, 2) rising by up to +10 within ~1.5 strides of an
+    object's centre at every level, the object's class logit raised alike. A few hundred
+    (box, score) rows then pass conf 0.005, in clusters that NMS has to resolve."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.rand(n_objects, 2, generator=g) * size                  # (O, 2) x, y
+    labels = torch.randint(num_classes, (n_objects,), generator=g)          # (O,)
+    raw = {}
+    for stride in (32, 16, 8):
+        h = w = size // stride
+        sizes = [RELEASED_ANCHORS[a] for a in ANCHOR_MASKS[stride]]
+        sizes.append((FREE_SLOT_SCALE * stride,) * 2)                       # the free slot
+        pred = torch.randn(1, 4, 5 + num_classes, h, w, generator=g)        # (1, S, 5+C, h, w)
+        cell = (torch.stack(torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij"))
+                .flip(0).float() + 0.5) * stride                            # (2, h, w) x, y
+        d = (cell[None] - centres[:, :, None, None]).norm(dim=1) / stride   # (O, h, w)
+        near, nearest = torch.exp(-(d / 1.5) ** 2).max(0)                   # (h, w), (h, w)
+        pred[:, :, 4] = pred[:, :, 4] * 2 - 12 + 10 * near                  # obj logit
+        pred[:, :, 5:] -= 6
+        onehot = torch.nn.functional.one_hot(labels[nearest], num_classes)  # (h, w, C)
+        pred[:, :, 5:] += 8 * near[:, :, None].mul(onehot).permute(2, 0, 1)
+        raw[stride] = (pred, torch.zeros(1, 4, 2, h, w), torch.tensor(sizes, dtype=torch.float32))
+    return raw
+
+
+def time_decode_nms(size: int, runs: int = 30, conf_thre: float = evaluate.CONF_THRE,
+                    nms_thre: float = evaluate.NMS_THRE, device: str = "cpu") -> dict[str, float]:
+    """Median ms per image (wall, and process CPU as *_cpu_ms) of the decode (head.decode_level
+    on the 3 levels) and of evaluate.postprocess, on `realistic_raw` outputs at `size` with 80
+    classes."""
+    dev = torch.device(device)
+    raw = {s: [t.to(dev) for t in v] for s, v in realistic_raw(size).items()}
+    decode = lambda: torch.cat([decode_level(p, sh, s, a).flatten(1, 3)   # noqa: E731
+                                for s, (p, sh, a) in raw.items()], dim=1)  # (1, N, 85)
+    decoded = decode()
+    post = lambda: evaluate.postprocess(decoded, conf_thre, nms_thre)    # noqa: E731
+    dec = np.median([timed_ms(decode, dev) for _ in range(runs)], axis=0)   # (wall, cpu)
+    nms = np.median([timed_ms(post, dev) for _ in range(runs)], axis=0)
+    cand = int((decoded[0, :, 4:5] * decoded[0, :, 5:]).max(1).values.ge(conf_thre).sum())
+    return {"decode_ms": float(dec[0]), "nms_ms": float(nms[0]), "decode_cpu_ms": float(dec[1]),
+            "nms_cpu_ms": float(nms[1]), "candidates": cand, "kept": len(post()[0])}
+
+
+def speed_benchmark(sizes=(416, 608), variants=tuple(SPEED_VARIANTS), device: str = "cpu",
+                    amp_dtype: torch.dtype | None = None, batch: int = 1, runs: int = 5,
+                    warmup: int = 1, width: float = 1.0, depth: float = 1.0, fold: bool = True,
+                    verbose: bool = True) -> dict:
+    """Median forward ms per image of every variant at every size, rounds interleaved (each
+    round times every (size, variant) once) so load changes hit all alike; then the same with
+    conv+BN folded. Returns {"forward": {(folded, size, variant): wall ms}, "forward_cpu": the
+    same in process CPU ms, "decode_nms": {size: time_decode_nms(size)}}."""
+    dev = torch.device(device)
+    models = {}
+    for v in variants:
+        torch.manual_seed(0)
+        models[v] = evaluate.load_model(None, num_classes=80, width=width, depth=depth,
+                                        **SPEED_VARIANTS[v]).eval().to(dev)
+    times = {}
+    for folded in (False, True) if fold else (False,):
+        if folded:
+            for m in models.values():
+                m.fuse_conv_bn()
+        for r in range(warmup + runs):
+            for s in sizes:
+                x = torch.randn(batch, 3, s, s, device=dev)                # (B, 3, S, S)
+                for v in variants:
+                    with torch.no_grad(), torch.autocast(dev.type, amp_dtype,
+                                                         enabled=amp_dtype is not None):
+                        wall, cpu = timed_ms(partial(models[v], x), dev)
+                    if r >= warmup:
+                        times.setdefault((folded, s, v), []).append((wall / batch, cpu / batch))
+            if verbose:
+                print(f"  round {r + 1}/{warmup + runs} ({'folded' if folded else 'plain'})",
+                      flush=True)
+    median = lambda k, col: float(np.median([t[col] for t in times[k]]))  # noqa: E731
+    return {"forward": {k: median(k, 0) for k in times},
+            "forward_cpu": {k: median(k, 1) for k in times},
+            "decode_nms": {s: time_decode_nms(s, device=device) for s in sizes}}
+
+
+def overheads(fwd: dict, sizes, variants, folds, tag: str) -> dict[str, float]:
+    """{"<variant>_overhead_<tag><size>": forward / baseline forward - 1} (asff* -> asff_star)."""
+    out = {}
+    for folded, fold_tag in ((False, ""), (True, "folded_")):
+        if "baseline" not in variants or folded not in folds:
+            continue
+        for s in sizes:
+            for v in (v for v in variants if v != "baseline"):
+                ratio = fwd[(folded, s, v)] / fwd[(folded, s, "baseline")] - 1
+                out[f"{v.replace('*', '_star')}_overhead_{tag}{fold_tag}{s}"] = round(ratio, 4)
+    return out
+
+
+def speed_report(bench: dict, sizes, variants) -> tuple[str, dict]:
+    """A readable table of speed_benchmark's figures, and the JSON summary of the headline ones."""
+    fwd, cpu, dn = bench["forward"], bench["forward_cpu"], bench["decode_nms"]
+    folds = sorted({k[0] for k in fwd})
+    nan = float("nan")
+    lines = [f"{'variant':<9}{'size':>5}{'fwd ms':>9}{'cpu ms':>9}{'folded':>9}"
+             f"{'f. cpu':>9}{'decode':>8}{'NMS':>7}{'FPS*':>7}{'paper FPS':>10}"]
+    summary = {}
+    for s in sizes:
+        for v in variants:
+            total = fwd[(folds[-1], s, v)] + dn[s]["decode_ms"] + dn[s]["nms_ms"]
+            paper = PAPER_FPS_608.get(v) if s == 608 else None
+            lines.append(f"{v:<9}{s:>5}{fwd[(False, s, v)]:>9.1f}{cpu[(False, s, v)]:>9.1f}"
+                         f"{fwd.get((True, s, v), nan):>9.1f}{cpu.get((True, s, v), nan):>9.1f}"
+                         f"{dn[s]['decode_ms']:>8.2f}{dn[s]['nms_ms']:>7.2f}{1000 / total:>7.2f}"
+                         f"{paper or '-':>10}")
+            for folded, tag in ((False, ""), (True, "folded_")):
+                if folded in folds:
+                    summary[f"forward_{tag}ms_{v}_{s}"] = round(fwd[(folded, s, v)], 2)
+        summary[f"decode_nms_ms_{s}"] = round(dn[s]["decode_ms"] + dn[s]["nms_ms"], 3)
+        summary[f"decode_nms_cpu_ms_{s}"] = round(dn[s]["decode_cpu_ms"] + dn[s]["nms_cpu_ms"], 3)
+        summary[f"decode_nms_candidates_{s}"] = dn[s]["candidates"]
+    summary |= overheads(fwd, sizes, variants, folds, "") | overheads(cpu, sizes, variants,
+                                                                     folds, "cpu_")
+    lines.append("ms per image, medians. fwd: wall time of the eval forward (it includes the "
+                 "head's decode); cpu: process CPU time of it; folded: conv+BN folded. decode, "
+                 "NMS: wall time on realistic_raw() outputs (CPU time in the JSON). FPS* = 1000 "
+                 "/ (folded fwd + decode + NMS). paper FPS: V100, Tables 3-4.")
+    return "\n".join(lines), summary
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+def run_loss(args, rest) -> dict:
+    return loss_benchmark(args.batch, args.size, args.objects)
+
+
+def run_data(args, rest) -> dict:
+    return data_benchmark(args.images, args.batches, args.batch_size, args.size)
+
+
+def run_train(args, rest) -> dict:
+    cfg = train_config(rest)
+    device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    return train_benchmark(cfg, args.steps, device)
+
+
+def run_speed(args, rest) -> dict:
+    dtype = torch.float16 if args.half else None
+    where = (f"device {args.device} ({torch.get_num_threads()} threads)" if args.device == "cpu"
+             else f"device {torch.cuda.get_device_name()}")
+    print(f"{where}, {'fp16 autocast' if args.half else 'fp32'}, batch {args.speed_batch}, inputs "
+          f"{args.speed_sizes}, width {args.width}, depth {args.depth}, median of {args.runs} "
+          f"interleaved rounds after {args.warmup} warm-up; ms per image", flush=True)
+    timings = speed_benchmark(args.speed_sizes, args.variants, args.device, dtype, args.speed_batch,
+                              args.runs, args.warmup, args.width, args.depth, not args.no_fold)
+    table, summary = speed_report(timings, args.speed_sizes, args.variants)
+    print(table)
+    return summary
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=__doc__[__doc__.index("    python"):])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    p = commands.add_parser("loss", help="compute_loss against the per-object loop reference")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--size", type=int, default=608)
+    p.add_argument("--objects", type=int, default=20, help="objects per image")
+    p.set_defaults(run=run_loss)
+
+    p = commands.add_parser("data", help="one DataLoader worker, mixup + augmentation")
+    p.add_argument("--images", type=int, default=32, help="640x480 JPEGs written to a temp folder")
+    p.add_argument("--batches", type=int, default=25, help="batches timed")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--size", type=int, default=608)
+    p.set_defaults(run=run_data)
+
+    about = ("training steps of train.py's model; every other flag is train.py's (python "
+             "train.py --help), without its CPU-demo settings: full size unless --width/--depth")
+    p = commands.add_parser("train", help=about, description=about, allow_abbrev=False)
+    p.add_argument("--steps", type=int, default=3, help="timed steps, after one untimed")
+    p.set_defaults(run=run_train)
+
+    p = commands.add_parser("speed", help="Tables 3-4: forward of each variant, decode + NMS")
+    p.add_argument("--speed-sizes", type=int, nargs="+", default=[416, 608])
+    p.add_argument("--variants", nargs="+", default=list(SPEED_VARIANTS), choices=list(SPEED_VARIANTS))
+    p.add_argument("--runs", type=int, default=5, help="timed rounds per (variant, size)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
+    p.add_argument("--speed-batch", type=int, default=1)
+    p.add_argument("--no-fold", action="store_true", help="skip the conv+BN folded timings")
+    p.add_argument("--half", action="store_true", help="fp16 autocast (GPU)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--width", type=float, default=1.0)
+    p.add_argument("--depth", type=float, default=1.0)
+    p.set_defaults(run=run_speed)
+
+    for name in ("loss", "speed"):
+        commands.choices[name].add_argument(
+            "--threads", type=int, help="torch CPU threads (default: torch's; 1 is steadier on a "
+                                        "busy machine)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run one benchmark; its table, then its JSON summary as the last line. Returns the summary."""
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if rest and args.command != "train":
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+    summary = args.run(args, rest)
+    print(json.dumps(summary))
+    return summary
+
+
+if __name__ == "__main__":
+    main()
