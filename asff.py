@@ -14,41 +14,65 @@ Level naming. The paper numbers the levels coarse to fine (level 1 = stride 32, 
 their stride only: a feature pyramid is a dict {stride: tensor}, and the fusion weights are
 ordered from the coarsest level to the finest (channel 0 weights the stride-32 source).
 
-Public entry points (this file imports only torch, so it can be copied into another project):
-    ConvBN(c_in, c_out, k, stride=1)              conv (no bias) + BatchNorm + LeakyReLU(0.1)
-    Resize(c_in, c_out, src_stride, dst_stride)    x^(n->l): (B, c_in, H_n, W_n) -> (B, c_out, H_l, W_l)
-    ASFF(channels, level, out_channels, weight_channels=16, mode="asff")
+Public entry points (this file needs only torch, so it can be copied into another project):
+    ConvBN(c_in, c_out, k, stride=1, *, norm, act)    conv (no bias) + norm + act
+    Resize(c_in, c_out, src_stride, dst_stride, *, norm, act)
+        forward(x, size=None): x^(n->l), (B, c_in, H/src, W/src) -> (B, c_out, *size)
+    ASFF(channels, level, out_channels, weight_channels=16, mode="asff", *, norm, act)
         forward({stride: (B, C_s, H/s, W/s)}) -> (B, out_channels, H/level, W/level)
         fusion_weights(resized) -> (B, L, H/level, W/level)  Eq. 2, the maps of Figure 3
     mode "sum" and "concat" are Table 3's element-wise sum and concatenation baselines; they
     share the resizing code and differ only in how the resized maps are combined.
+    norm(channels) and act() build each block's norm and activation: by default YOLOv3's
+    BatchNorm and LeakyReLU(0.1) under the released key names (the norm is `bn` whatever it is);
+    e.g. norm=lambda c: nn.GroupNorm(min(32, c), c), act=nn.ReLU for an mmdetection RetinaNet.
 
-Drop it onto another detector's three levels (e.g. RetinaNet's 256-channel P3-P5, Table 5):
+Any pyramid, any input size: each source is brought to the exact size of the pyramid's own
+stride-`level` map (Resize.fit_to), e.g. RetinaNet's P3-P7 (Table 5) of an 800 x 1216 input,
+100x152 ... 7x10. The fusers go in an nn.ModuleDict, which registers them with the host (a
+plain dict hides them from .parameters(), .to() and state_dict(): never trained or saved):
 
-    channels = {32: 256, 16: 256, 8: 256}
-    fusers = {s: ASFF(channels, level=s, out_channels=256) for s in channels}
-    fused = {s: fusers[s](pyramid) for s in channels}      # pyramid = {8: p3, 16: p4, 32: p5}
+    >>> import torch
+    >>> from asff import ASFF
+    >>> channels = {128: 256, 64: 256, 32: 256, 16: 256, 8: 256}            # P7 .. P3 of an FPN
+    >>> fusers = torch.nn.ModuleDict({f"s{s}": ASFF(channels, s, 256) for s in channels})
+    >>> pyramid = {s: torch.randn(1, 256, -(-201 // s), -(-301 // s)) for s in channels}  # ceil
+    >>> [tuple(fusers[f"s{s}"](pyramid).shape[1:]) for s in channels]      # those of the inputs
+    [(256, 2, 3), (256, 4, 5), (256, 7, 10), (256, 13, 19), (256, 26, 38)]
 
 Where this departs from the authors' code: one module parametrised by the channel dict instead of
-a hand-written class per level; any number of levels (down-sampling by 2^k uses k-1 max-pools
-then one stride-2 conv, which is the paper's rule for 1/2 and 1/4). The resizing is exactly the
-released one: up-sampling uses a 1x1 conv block only where the channel counts differ (the
+a hand-written class per level; any number of levels (down by 2^k: k-1 max-pools then one
+stride-2 conv, the paper's rule for 1/2 and 1/4; up by 2^k: one nearest interpolation); any map
+sizes (released: multiples of 32 only, where fit_to changes nothing). Otherwise the resizing is
+the released one: up-sampling uses a 1x1 conv block only where the channel counts differ (the
 released stride-16 -> stride-8 path has no conv), then nearest interpolation.
 """
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 
-class ConvBN(nn.Module):
-    """The conv block used everywhere in DarkNet/YOLOv3: conv (no bias), BatchNorm, LeakyReLU(0.1)."""
+def leaky_relu() -> nn.Module:
+    """DarkNet's activation, LeakyReLU(0.1): the default `act`."""
+    return nn.LeakyReLU(0.1)
 
-    def __init__(self, c_in: int, c_out: int, k: int, stride: int = 1):
+
+Norm = Callable[[int], nn.Module]    # norm(channels) -> module, e.g. nn.BatchNorm2d
+Act = Callable[[], nn.Module]        # act() -> module, e.g. nn.ReLU
+
+
+class ConvBN(nn.Module):
+    """The conv block used everywhere in DarkNet/YOLOv3: conv (no bias), norm, activation."""
+
+    def __init__(self, c_in: int, c_out: int, k: int, stride: int = 1, *,
+                 norm: Norm = nn.BatchNorm2d, act: Act = leaky_relu):
         super().__init__()
         self.conv = nn.Conv2d(c_in, c_out, k, stride, padding=(k - 1) // 2, bias=False)
-        self.bn = nn.BatchNorm2d(c_out)
-        self.act = nn.LeakyReLU(0.1)
+        self.bn = norm(c_out)                  # named `bn` for the released key names
+        self.act = act()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.act(self.bn(self.conv(x)))
@@ -59,6 +83,8 @@ class ConvBN(nn.Module):
 
         w' = w * g / sqrt(v + eps),  b' = beta - m * g / sqrt(v + eps)  (g, beta, m, v of the BN).
         """
+        if getattr(self.bn, "running_var", None) is None:
+            raise ValueError(f"fuse_bn folds a BatchNorm with running statistics, not {self.bn}")
         scale = self.bn.weight / torch.sqrt(self.bn.running_var + self.bn.eps)  # (c_out,)
         fused = nn.Conv2d(self.conv.in_channels, self.conv.out_channels, self.conv.kernel_size,
                           self.conv.stride, self.conv.padding, bias=True).to(self.conv.weight)
@@ -68,31 +94,57 @@ class ConvBN(nn.Module):
 
 
 class Resize(nn.Module):
-    """x^(n->l): bring a map of stride `src` and `c_in` channels to stride `dst` and `c_out` channels.
+    """x^(n->l): bring a map of stride `src_stride`, `c_in` channels to `dst_stride`, `c_out`.
 
     Sec. 3.2: up-sampling = 1x1 conv to the target channels, then interpolation (nearest, as
-    released); down-sampling by 1/2 = a 3x3 stride-2 conv; by 1/4 = a stride-2 max-pool first.
+    released); down-sampling by 1/2 = a 3x3 stride-2 conv; by 1/4 = a stride-2 max-pool first
+    (by 1/2^k: k-1 max-pools). Strides must be a power of 2 apart.
     """
 
-    def __init__(self, c_in: int, c_out: int, src: int, dst: int):
+    def __init__(self, c_in: int, c_out: int, src_stride: int, dst_stride: int, *,
+                 norm: Norm = nn.BatchNorm2d, act: Act = leaky_relu):
         super().__init__()
-        self.up = src // dst if src > dst else 1
+        ratio = max(src_stride, dst_stride) // min(src_stride, dst_stride)
+        if max(src_stride, dst_stride) % min(src_stride, dst_stride) or ratio & (ratio - 1):
+            raise ValueError(f"Resize needs strides a power of 2 apart, got {src_stride} and {dst_stride}")
+        self.src_stride, self.dst_stride = src_stride, dst_stride
+        self.up = ratio if src_stride > dst_stride else 1
         self.n_pools = 0
-        if src < dst:                          # finer source: pools, then one stride-2 conv
-            self.n_pools = (dst // src).bit_length() - 2
-            self.proj = ConvBN(c_in, c_out, 3, stride=2)
+        if src_stride < dst_stride:            # finer source: pools, then one stride-2 conv
+            self.n_pools = ratio.bit_length() - 2
+            self.proj = ConvBN(c_in, c_out, 3, stride=2, norm=norm, act=act)
         elif c_in != c_out:                    # coarser (or same) source with other channels
-            self.proj = ConvBN(c_in, c_out, 1)
+            self.proj = ConvBN(c_in, c_out, 1, norm=norm, act=act)
         else:
             self.proj = nn.Identity()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+        """(B, c_in, h, w) -> (B, c_out, *size); without `size`, the ratio's own size (see fit_to)."""
         for _ in range(self.n_pools):
-            x = F.max_pool2d(x, 3, stride=2, padding=1)                  # (B, c_in, H/2, W/2)
-        x = self.proj(x)                                                 # (B, c_out, h, w)
+            x = F.max_pool2d(x, 3, stride=2, padding=1)                  # (B, c_in, h/2, w/2)
+        x = self.proj(x)                                                 # (B, c_out, h', w')
         if self.up > 1:
-            x = F.interpolate(x, scale_factor=self.up, mode="nearest")   # (B, c_out, H*up, W*up)
-        return x
+            x = F.interpolate(x, scale_factor=self.up, mode="nearest")   # (B, c_out, h*up, w*up)
+        return x if size is None else self.fit_to(x, size)              # (B, c_out, *size)
+
+    def fit_to(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """Cut off, or repeat, the last rows / columns of x (B, C, h, w) to make it (B, C, *size).
+
+        Rule: the stride-2 ops above (3x3, padding 1) round up, ceil(n/2), as DarkNet, ResNet and
+        FPN's P6/P7 convs do; then down-sampling lands on the target and up-sampling by r runs up
+        to r-1 rows past the image edge (cut off). Pyramids that round down (n // 2) get one row
+        too many down (cut) and up to r-1 too few up (the last is repeated). Either way cell (i, j)
+        at stride s lines up with cell (i // r, j // r) at stride r*s, as in exact multiples.
+        """
+        (h, w), (H, W) = x.shape[-2:], size
+        if (h, w) == (H, W):
+            return x                           # exact multiples: the released computation
+        if abs(h - H) > self.up or abs(w - W) > self.up:
+            raise ValueError(f"Resize s{self.src_stride}->s{self.dst_stride} gives {h}x{w}, the target is "
+                             f"{H}x{W}: not rounding; are the pyramid's keys its strides?")
+        rows = torch.arange(H, device=x.device).clamp(max=h - 1)        # (H,) i -> min(i, h-1)
+        cols = torch.arange(W, device=x.device).clamp(max=w - 1)        # (W,)
+        return x[:, :, rows][:, :, :, cols]                              # (B, C, H, W)
 
 
 class ASFF(nn.Module):
@@ -102,30 +154,38 @@ class ASFF(nn.Module):
     The fused map has channels[level] channels (the released `inter_dim`); a 3x3 conv block
     (`expand`, as released) then gives `out_channels` for the detection head.
     weight_channels: channels of each level's 1x1 weight branch (16 released; 8 with RFB).
+    norm, act: passed to every conv block (see ConvBN).
     """
 
     def __init__(self, channels: dict[int, int], level: int, out_channels: int,
-                 weight_channels: int = 16, mode: str = "asff"):
+                 weight_channels: int = 16, mode: str = "asff", *,
+                 norm: Norm = nn.BatchNorm2d, act: Act = leaky_relu):
         super().__init__()
         if mode not in ("asff", "sum", "concat"):
             raise ValueError(f"ASFF mode must be 'asff', 'sum' or 'concat', got {mode!r}")
+        if level not in channels:
+            raise ValueError(f"ASFF level {level} is not a stride of the pyramid {sorted(channels)}")
         self.mode, self.level = mode, level
         self.strides = sorted(channels, reverse=True)          # coarse to fine: paper order
         inter = channels[level]
-        self.resize = nn.ModuleDict(
-            {f"s{s}": Resize(channels[s], inter, s, level) for s in self.strides})
+        self.resize = nn.ModuleDict({f"s{s}": Resize(channels[s], inter, s, level, norm=norm, act=act)
+                                     for s in self.strides})
         n = len(self.strides)
         if mode == "asff":
-            self.weight = nn.ModuleDict(
-                {f"s{s}": ConvBN(inter, weight_channels, 1) for s in self.strides})
+            self.weight = nn.ModuleDict({f"s{s}": ConvBN(inter, weight_channels, 1, norm=norm, act=act)
+                                         for s in self.strides})
             self.weight_logits = nn.Conv2d(weight_channels * n, n, 1)   # la, lb, lc of Eq. 2
         elif mode == "concat":
-            self.squeeze = ConvBN(inter * n, inter, 1)
-        self.expand = ConvBN(inter, out_channels, 3)
+            self.squeeze = ConvBN(inter * n, inter, 1, norm=norm, act=act)
+        self.expand = ConvBN(inter, out_channels, 3, norm=norm, act=act)
 
     def resize_all(self, pyramid: dict[int, torch.Tensor]) -> list[torch.Tensor]:
-        """[x^(n->l) for n coarse to fine], each (B, inter, H/level, W/level)."""
-        return [self.resize[f"s{s}"](pyramid[s]) for s in self.strides]
+        """[x^(n->l) for n coarse to fine], each (B, inter, H/level, W/level) as pyramid[level]."""
+        if any(s not in pyramid for s in self.strides):
+            raise ValueError(f"ASFF-s{self.level} fuses strides {self.strides}; the pyramid has "
+                             f"{sorted(pyramid)}")
+        size = tuple(pyramid[self.level].shape[-2:])            # (H/level, W/level), the host's
+        return [self.resize[f"s{s}"](pyramid[s], size) for s in self.strides]
 
     def fusion_weights(self, resized: list[torch.Tensor]) -> torch.Tensor:
         """Eq. 2: per-position softmax over the levels -> (B, L, H/level, W/level), sums to 1."""
@@ -150,21 +210,22 @@ class ASFF(nn.Module):
 
 def _demo() -> None:
     torch.manual_seed(0)
-    channels = {32: 512, 16: 256, 8: 256}                    # the YOLOv3 pyramid of Sec. 3.1
-    pyramid = {s: torch.randn(1, c, 416 // s, 416 // s) for s, c in channels.items()}
-    print("input pyramid:", {s: tuple(x.shape) for s, x in pyramid.items()})
-    for level, out in ((32, 1024), (16, 512), (8, 256)):
-        fuser = ASFF(channels, level, out).eval()
-        with torch.no_grad():
-            resized = fuser.resize_all(pyramid)
-            w = fuser.fusion_weights(resized)
-            y = fuser(pyramid)
-        n_params = sum(p.numel() for p in fuser.parameters())
-        print(f"ASFF-s{level}: resized {[tuple(r.shape[1:]) for r in resized]} -> "
-              f"weights {tuple(w.shape)} (sum {w.sum(1).mean():.3f}) -> out {tuple(y.shape)}, "
-              f"{n_params:,} params")
+    yolo = {32: 512, 16: 256, 8: 256}                            # the YOLOv3 pyramid of Sec. 3.1
+    retina = dict.fromkeys((128, 64, 32, 16, 8), 256)            # RetinaNet's P7 .. P3 (Table 5)
+    for channels, outs, (H, W) in ((yolo, {32: 1024, 16: 512, 8: 256}, (416, 416)),
+                                   (retina, retina, (401, 601))):
+        pyramid = {s: torch.randn(1, c, -(-H // s), -(-W // s)) for s, c in channels.items()}  # ceil
+        print(f"pyramid of a {H}x{W} input:", {s: tuple(x.shape) for s, x in pyramid.items()})
+        for level, out in outs.items():
+            fuser = ASFF(channels, level, out).eval()
+            with torch.no_grad():
+                resized = fuser.resize_all(pyramid)
+                y, w = fuser.fuse(resized)                       # then expand(y) = fuser(pyramid)
+            print(f"ASFF-s{level}: resized to {tuple(resized[0].shape[1:])} -> weights {tuple(w.shape)} (sum "
+                  f"{w.sum(1).mean():.3f}) -> out {tuple(fuser.expand(y).shape)}, "
+                  f"{sum(p.numel() for p in fuser.parameters()):,} params")
     for mode in ("sum", "concat"):
-        n_params = sum(p.numel() for p in ASFF(channels, 8, 256, mode=mode).parameters())
+        n_params = sum(p.numel() for p in ASFF(yolo, 8, 256, mode=mode).parameters())
         print(f"{mode}-s8: {n_params:,} params")
 
 

@@ -72,20 +72,70 @@ def test_asff_equals_float64_per_position_loop(level):
 def test_resizing_follows_section_3_2():
     x = pyramid()
     # up-sampling: 1x1 conv to the target channels, then nearest interpolation
-    up = randomize_bn(Resize(16, 8, src=32, dst=8)).eval()
+    up = randomize_bn(Resize(16, 8, src_stride=32, dst_stride=8)).eval()
     with torch.no_grad():
         expect = F.interpolate(up.proj(x[32]), scale_factor=4, mode="nearest")
         torch.testing.assert_close(up(x[32]), expect)
     assert isinstance(Resize(8, 8, 16, 8).proj, torch.nn.Identity)   # released: no conv s16 -> s8
     # down-sampling by 1/4: stride-2 max-pool, then the 3x3 stride-2 conv
-    down = randomize_bn(Resize(8, 16, src=8, dst=32)).eval()
+    down = randomize_bn(Resize(8, 16, src_stride=8, dst_stride=32)).eval()
     assert down.proj.conv.kernel_size == (3, 3) and down.proj.conv.stride == (2, 2)
     with torch.no_grad():
         expect = down.proj(F.max_pool2d(x[8], 3, stride=2, padding=1))
         torch.testing.assert_close(down(x[8]), expect)
     # down-sampling by 1/2: the conv alone
-    half = Resize(8, 16, src=16, dst=32)
+    half = Resize(8, 16, src_stride=16, dst_stride=32)
     assert half.n_pools == 0 and half.proj.conv.stride == (2, 2)
+
+
+def cell_by_cell(z, size, r):
+    """Target cell (i, j) <- z[min(i // r, h - 1), min(j // r, w - 1)]: fit_to's rule, one cell at a time."""
+    (h, w), (H, W) = z.shape[2:], size
+    out = torch.empty(*z.shape[:2], H, W, dtype=z.dtype)
+    for i in range(H):
+        for j in range(W):
+            out[:, :, i, j] = z[:, :, min(i // r, h - 1), min(j // r, w - 1)]
+    return out
+
+
+# (src stride, dst stride, source size, target size): sizes of 100x200 / 801x1201 / 800x1216 inputs
+ODD_SIZES = [(32, 8, (4, 7), (13, 25)),       # ceil pyramid (stride-2 convs): 16x28, 3 rows cut
+             (32, 8, (3, 6), (12, 25)),       # floor pyramid (n // s): 12x24, last column repeated
+             (8, 32, (13, 25), (4, 7)),       # ceil pyramid, down: lands exactly
+             (8, 32, (12, 25), (3, 6)),       # floor pyramid, down: 3x7, one column cut
+             (16, 32, (50, 75), (26, 38)),    # floor source, ceil target: 25x38, last row repeated
+             (128, 8, (7, 10), (100, 152)),   # RetinaNet P7 -> P3 (x16): 112x160 cut
+             (8, 128, (101, 151), (7, 10))]   # P3 -> P7: three pools and the conv land exactly
+
+
+@pytest.mark.parametrize("src,dst,hw,size", ODD_SIZES)
+def test_resize_to_any_size_cuts_or_repeats_the_last_rows(src, dst, hw, size):
+    block = randomize_bn(Resize(8, 16, src, dst)).eval()
+    x = torch.randn(2, 8, *hw, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        z = x
+        for _ in range(block.n_pools):
+            z = F.max_pool2d(z, 3, stride=2, padding=1)
+        z = block.proj(z)                                           # the ratio's own size
+        if src < dst:
+            assert z.shape[2:] == tuple(-(-n // (dst // src)) for n in hw)   # ceil(n / r)
+        expect = cell_by_cell(z, size, max(src // dst, 1))
+        assert torch.equal(block(x, size), expect)
+
+
+def test_resize_rejects_sizes_that_rounding_cannot_explain():
+    with pytest.raises(ValueError, match=r"s32->s8 gives 16x16, the target is 30x30"):
+        Resize(8, 8, 32, 8)(torch.randn(1, 8, 4, 4), (30, 30))
+    with pytest.raises(ValueError, match="not rounding"):
+        Resize(8, 8, 8, 32)(torch.randn(1, 8, 16, 16), (6, 6))        # 4x4 is 2 rows off
+    assert Resize(8, 8, 8, 32)(torch.randn(1, 8, 16, 16), (5, 3)).shape == (1, 8, 5, 3)
+    for src, dst in ((8, 24), (12, 8)):
+        with pytest.raises(ValueError, match="power of 2"):
+            Resize(8, 8, src, dst)
+    with pytest.raises(ValueError, match="level 4"):
+        ASFF(CHANNELS, 4, 32)
+    with pytest.raises(ValueError, match=r"fuses strides \[32, 16, 8\]; the pyramid has \[8, 16\]"):
+        ASFF(CHANNELS, 8, 32)({s: x for s, x in pyramid().items() if s != 32})
 
 
 def test_eq6_selected_level_blocks_other_gradients_while_sum_passes_all():
