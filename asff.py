@@ -6,8 +6,8 @@ For every output level l, every pyramid level n is first resized to the shape of
     Eq. 1:  y^l_ij = alpha^l_ij * x^(1->l)_ij + beta^l_ij * x^(2->l)_ij + gamma^l_ij * x^(3->l)_ij
     Eq. 2:  alpha^l_ij = exp(la) / (exp(la) + exp(lb) + exp(lc))      (softmax over the levels)
 
-so alpha + beta + gamma = 1 at each position, and each weight is one scalar per position shared
-by all channels. `la, lb, lc` come from 1x1 convs on the resized maps.
+so alpha + beta + gamma = 1 at each position, one scalar per position shared by all channels;
+`la, lb, lc` come from 1x1 convs on the resized maps.
 
 Level naming. The paper numbers the levels coarse to fine (level 1 = stride 32, level 2 = stride
 16, level 3 = stride 8); the authors' code indexes stride 32 as level 0. Here levels are named by
@@ -21,8 +21,7 @@ Public entry points (this file needs only torch, so it can be copied into anothe
     ASFF(channels, level, out_channels, weight_channels=16, mode="asff", *, norm, act)
         forward({stride: (B, C_s, H/s, W/s)}) -> (B, out_channels, H/level, W/level)
         fusion_weights(resized) -> (B, L, H/level, W/level)  Eq. 2, the maps of Figure 3
-    mode "sum" and "concat" are Table 3's element-wise sum and concatenation baselines; they
-    share the resizing code and differ only in how the resized maps are combined.
+    mode "sum" / "concat": Table 3's baselines, sharing the resizing, combined differently.
     norm(channels) and act() build each block's norm and activation: by default YOLOv3's
     BatchNorm and LeakyReLU(0.1) under the released key names (the norm is `bn` whatever it is);
     e.g. norm=lambda c: nn.GroupNorm(min(32, c), c), act=nn.ReLU for an mmdetection RetinaNet.
@@ -40,12 +39,11 @@ plain dict hides them from .parameters(), .to() and state_dict(): never trained 
     >>> [tuple(fusers[f"s{s}"](pyramid).shape[1:]) for s in channels]      # those of the inputs
     [(256, 2, 3), (256, 4, 5), (256, 7, 10), (256, 13, 19), (256, 26, 38)]
 
-Where this departs from the authors' code: one module parametrised by the channel dict instead of
-a hand-written class per level; any number of levels (down by 2^k: k-1 max-pools then one
-stride-2 conv, the paper's rule for 1/2 and 1/4; up by 2^k: one nearest interpolation); any map
-sizes (released: multiples of 32 only, where fit_to changes nothing). Otherwise the resizing is
-the released one: up-sampling uses a 1x1 conv block only where the channel counts differ (the
-released stride-16 -> stride-8 path has no conv), then nearest interpolation.
+Departures from the authors' code: one module parametrised by the channel dict, not a class per
+level; any number of levels (down by 2^k: k-1 max-pools then one stride-2 conv, the paper's rule
+for 1/2 and 1/4; up by 2^k: one nearest interpolation); any map sizes (released: multiples of 32,
+where fit_to changes nothing). Up-sampling has a 1x1 conv block only where the channel counts
+differ (the released stride-16 -> stride-8 path has none), as released.
 """
 
 from collections.abc import Callable
@@ -79,10 +77,7 @@ class ConvBN(nn.Module):
 
     @torch.no_grad()
     def fuse_bn(self) -> None:
-        """Fold BatchNorm into the conv for inference.
-
-        w' = w * g / sqrt(v + eps),  b' = beta - m * g / sqrt(v + eps)  (g, beta, m, v of the BN).
-        """
+        """Fold BatchNorm into the conv: w' = w * g / sqrt(v + eps), b' = beta - m * g / sqrt(v + eps)."""
         if getattr(self.bn, "running_var", None) is None:
             raise ValueError(f"fuse_bn folds a BatchNorm with running statistics, not {self.bn}")
         scale = self.bn.weight / torch.sqrt(self.bn.running_var + self.bn.eps)  # (c_out,)
@@ -130,11 +125,10 @@ class Resize(nn.Module):
     def fit_to(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """Cut off, or repeat, the last rows / columns of x (B, C, h, w) to make it (B, C, *size).
 
-        Rule: the stride-2 ops above (3x3, padding 1) round up, ceil(n/2), as DarkNet, ResNet and
-        FPN's P6/P7 convs do; then down-sampling lands on the target and up-sampling by r runs up
-        to r-1 rows past the image edge (cut off). Pyramids that round down (n // 2) get one row
-        too many down (cut) and up to r-1 too few up (the last is repeated). Either way cell (i, j)
-        at stride s lines up with cell (i // r, j // r) at stride r*s, as in exact multiples.
+        Rule: the stride-2 ops above round up, ceil(n/2), as DarkNet, ResNet and FPN's P6/P7 do;
+        down-sampling then lands on the target and up-sampling by r overshoots by up to r-1 rows
+        (cut). Pyramids that round down (n // 2) get one row too many down (cut) and up to r-1 too
+        few up (the last repeated). Cell (i, j) at stride s stays on cell (i // r, j // r) at r*s.
         """
         (h, w), (H, W) = x.shape[-2:], size
         if (h, w) == (H, W):

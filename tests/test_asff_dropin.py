@@ -9,11 +9,11 @@ import io
 import pytest
 import torch
 import torch.nn.functional as F
-from test_asff import conv_block_at, randomize_bn
 from torch import nn
 
 import asff
 from asff import ASFF, ConvBN
+from test_asff import conv_block_at, randomize_bn
 
 STRIDES = (128, 64, 32, 16, 8)                    # P7 .. P3, coarse to fine as in asff.py
 
