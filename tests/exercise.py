@@ -35,7 +35,7 @@ EXERCISES = {
     "resize": ("asff.py", "Resize.forward",
                ["tests/test_asff.py::test_resizing_follows_section_3_2",
                 "tests/test_asff.py::test_any_number_of_levels_retinanet_style"],
-               "Sec. 3.2 resizing: max-pools + stride-2 conv down, 1x1 conv + nearest up, then fit_to the target size"),
+               "Sec. 3.2 resizing: max-pools + stride-2 conv down, 1x1 conv + nearest up, fit_to the target"),
     "deform-conv": ("head.py", "deform_conv2d",
                     ["tests/test_head.py::test_deform_conv_with_zero_offsets_is_a_plain_conv",
                      "tests/test_head.py::test_deform_conv_matches_float64_loop_forward_and_backward"],
