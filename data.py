@@ -104,6 +104,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -800,6 +801,14 @@ class TrainDataset(torch.utils.data.Dataset):
         target = np.stack([cls, (x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1, mix], 1)
         return (torch.from_numpy(np.array(image)).permute(2, 0, 1),  # (3, S, S) uint8
                 torch.from_numpy(target.astype(np.float32)).reshape(-1, 6))  # (N, 6)
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader worker_init_fn: the worker ignores SIGTERM and SIGINT. systemd, SLURM, Ctrl-C
+    and `kill -- -PGID` signal the whole process group; the main process catches the signal,
+    finishes its step, saves and then shuts its workers down, which must live until then."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _normalize_batch(x: torch.Tensor) -> torch.Tensor:

@@ -42,6 +42,11 @@ from head import ANCHOR_MASKS, STRIDES
 IOU_FORMS = ("1-iou^2", "-ln(iou)", "1-iou")
 FREE_SLOT = 3          # the anchor-free slot follows the level's three anchor slots
 UNION_EPS = 1e-16      # released: added to every IoU union
+# Bound on a guided anchor's log-shape g before exp (Level.anchors). An object of 1 to 1333 px
+# against base sizes of 10 to 373 px needs |g| < ln(373) = 5.9; at ln(1e4) = 9.2 an anchor is
+# 10^4 times (or 1/10^4 of) its base size, at most 3.7e6 px, and its area (1.4e13) is finite in
+# float32, where exp(g) alone overflows above g = 88.7 (a diverging run reached g = 136.6).
+MAX_LOG_SHAPE = math.log(1e4)
 
 
 class GroundTruth(NamedTuple):
@@ -130,10 +135,12 @@ class Level(NamedTuple):
     sizes: Tensor          # (S, 2) base size A of each slot (model.slot_sizes)
 
     def anchors(self, b: Tensor, s: Tensor, j: Tensor, i: Tensor) -> Tensor:
-        """Guided anchors A * exp(g) at the given slots (head.anchor_shapes); (...) -> (..., 2)."""
+        """Guided anchors A * exp(g) at the given slots (head.anchor_shapes), g bounded by
+        MAX_LOG_SHAPE so that a diverging shape branch gives a finite loss; (...) -> (..., 2)."""
         if self.shape is None:
             return self.sizes[s]                                               # (..., 2)
-        return self.sizes[s] * torch.exp(self.shape[b, s, :, j, i])            # (..., 2)
+        g = self.shape[b, s, :, j, i].clamp(-MAX_LOG_SHAPE, MAX_LOG_SHAPE)     # (..., 2)
+        return self.sizes[s] * torch.exp(g)                                    # (..., 2)
 
     def boxes(self, b: Tensor, s: Tensor, j: Tensor, i: Tensor) -> Tensor:
         """Decoded boxes of the given slots; (...) -> (..., 4)."""

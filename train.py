@@ -21,8 +21,9 @@ Paper rows (flags on top of the defaults):
 
 Per iteration: a random input size (the same on every rank: data.random_size depends on the seed
 and the iteration only), forward, loss.compute_loss, the loss terms averaged over ranks (a
-non-finite one stops the run before the step), backward, SGD step, EMA. Per epoch: the mixup
-switch and the DropBlock schedule, evaluation every --eval-every epochs, last.pt / best.pt.
+non-finite one stops the run before the step), backward, SGD step (non-finite weights after it
+stop the run too, before they are saved), EMA. Per epoch: the mixup switch and the DropBlock
+schedule, evaluation every --eval-every epochs, last.pt / best.pt.
 
 Defaults follow the paper where it is explicit and the release (docs/released-code.md) where it
 is silent; each departure has a flag for the other choice (README, "Where the released code
@@ -38,9 +39,11 @@ the DropBlock schedule follow the release. Every epoch count of the schedule is 
 --epochs, so a shorter run keeps the same shape. With no --data the DEMO settings below replace
 the defaults (flags given still win).
 
-Run folder (--out): last.pt (every epoch, on SIGTERM/SIGINT and at the end), best.pt (best AP),
-log.jsonl (progress and evaluation records), metrics.json (AP, AP50, AP75, APs, APm, APl in
-[0, 1], wall time, training images/s), figure3_demo.png (detections and Eq. 2 weight maps).
+Run folder (--out): last.pt (every epoch, at the end, and on SIGTERM/SIGINT to this process or
+to its whole process group as systemd and SLURM send them: the loader workers ignore them),
+best.pt (best AP), log.jsonl (progress and evaluation records), metrics.json (AP, AP50, AP75,
+APs, APm, APl in [0, 1], wall time, training images/s), figure3_demo.png (detections and Eq. 2
+weight maps).
 A checkpoint holds tensors and plain Python only (torch.load(..., weights_only=True)):
     model, optimizer, scaler, ema (state dicts; ema None when off), iteration (steps done),
     epoch, batch_in_epoch (the data position), config (Config as a dict), world_size,
@@ -461,9 +464,20 @@ def save(state: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def read_resume(cfg: Config, world: int) -> dict:
+    """The --resume file, refused with a UserError naming it unless it is a train.py checkpoint
+    of this configuration (run() reads it before opening the data: a bad file fails at once)."""
+    ckpt = evaluate.read_checkpoint(cfg.resume)
+    if not evaluate.is_training_checkpoint(ckpt):
+        raise data.UserError(f"{cfg.resume}: a state dict without a training state (no "
+                             "optimizer, config): --resume continues a train.py run only")
+    check_resumable(ckpt, cfg, world, cfg.resume)
+    return ckpt
+
+
 def check_resumable(ckpt: dict, cfg: Config, world: int, path: str) -> None:
     """Refuse a checkpoint of another configuration, naming each field that differs."""
-    saved = ckpt["config"] | {"world_size": ckpt["world_size"]}
+    saved = ckpt["config"] | {"world_size": ckpt.get("world_size", "absent")}
     now = dataclasses.asdict(cfg) | {"world_size": world}
     differ = [k for k in sorted(set(saved) | set(now))
               if k not in RESUME_MAY_DIFFER and saved.get(k, "absent") != now.get(k, "absent")]
@@ -480,12 +494,49 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 class NonFiniteLoss(RuntimeError):
-    pass
+    """A step gave a non-finite `what` (loss, gradient, weights); `detail` says which values."""
+
+    def __init__(self, what: str, detail: str):
+        super().__init__(f"non-finite {what}: {detail}")
+        self.what, self.detail = what, detail
+
+
+def kept_note(kept: dict) -> str:
+    """What a stop leaves behind, naming a checkpoint file only if it exists."""
+    if kept["path"] is not None and Path(kept["path"]).is_file():
+        return f"{kept['path']} keeps the weights of iteration {kept['iteration']}"
+    return "no checkpoint of this run was written yet (last.pt comes at the end of each epoch)"
+
+
+def evaluation_due(cfg: Config, epoch: int) -> bool:
+    """After `epoch` whole epochs: every --eval-every epochs and at the end."""
+    return epoch % cfg.eval_every == 0 or epoch == cfg.epochs
 
 
 # ---------------------------------------------------------------------------------------------
 # One optimizer step
 # ---------------------------------------------------------------------------------------------
+def term_list(terms: torch.Tensor) -> str:
+    return ", ".join(f"{t}={v:.4g}" for t, v in zip(TERMS, terms.tolist(), strict=True))
+
+
+def non_finite_weights(model: torch.nn.Module, world: int) -> list[str]:
+    """Names of the parameters and buffers that hold a non-finite value ([] on every rank when
+    none does, on any). A finite loss and gradient can still take a step that overflows the
+    weights (a huge learning rate or momentum); one fused max-abs per tensor finds that
+    (about one read of the weights per step), before the weights reach the EMA or last.pt."""
+    named = [(n, t) for n, t in (*model.named_parameters(), *model.named_buffers())
+             if t.is_floating_point()]
+    peaks = torch.stack(torch._foreach_norm([t.detach() for _, t in named], math.inf))
+    bad = (~torch.isfinite(peaks)).sum()
+    if world > 1:
+        dist.all_reduce(bad)                      # BatchNorm statistics are per rank on CPU
+    if not bad.item():
+        return []
+    names = [n for (n, _), peak in zip(named, peaks.tolist(), strict=True) if not math.isfinite(peak)]
+    return names or ["on another rank"]
+
+
 def train_step(ddp, model, batches, size: int, cfg: Config, optimizer, scaler, amp_dtype,
                device: torch.device, world: int) -> dict[str, float]:
     """cfg.accumulate micro-batches at size x size, then one SGD step; returns the loss terms
@@ -510,18 +561,22 @@ def train_step(ddp, model, batches, size: int, cfg: Config, optimizer, scaler, a
                 dist.all_reduce(step_terms)                 # every rank sees a NaN of any rank
                 step_terms /= world
             if not torch.isfinite(step_terms).all():
-                raise NonFiniteLoss(", ".join(f"{t}={v:.4g}" for t, v in
-                                              zip(TERMS, step_terms.tolist(), strict=True)))
+                raise NonFiniteLoss("loss", term_list(step_terms))
             scaler.scale(losses["total"] / cfg.accumulate).backward()
         terms += step_terms / cfg.accumulate
     scaler.unscale_(optimizer)                        # a no-op without fp16
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad or math.inf)
     if not scaler.is_enabled() and not torch.isfinite(grad_norm):   # fp16 skips such steps
-        raise NonFiniteLoss(f"gradient norm={grad_norm.item():.4g} (loss terms " + ", ".join(
-            f"{t}={v:.4g}" for t, v in zip(TERMS, terms.tolist(), strict=True)) + ")")
+        raise NonFiniteLoss("gradient", f"norm={grad_norm.item():.4g} (loss terms "
+                            f"{term_list(terms)})")
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
+    bad = non_finite_weights(model, world)
+    if bad:
+        raise NonFiniteLoss("weights", f"after the SGD step: {', '.join(bad[:3])}"
+                            f"{' ...' if len(bad) > 3 else ''} (loss terms {term_list(terms)}, "
+                            f"gradient norm {grad_norm.item():.4g})")
     return dict(zip(TERMS, terms.tolist(), strict=True)) | {"grad_norm": grad_norm.item()}
 
 
@@ -563,6 +618,7 @@ def run(cfg: Config, rank: int, world: int, device: torch.device, stop: dict) ->
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)                       # the same init on every rank
+    ckpt = read_resume(cfg, world) if cfg.resume else None
 
     # data: one augmented sample stream per (seed, epoch, index), sharded by DistributedSampler
     train_data, val_data = open_data(cfg, world, master)
@@ -582,13 +638,8 @@ def run(cfg: Config, rank: int, world: int, device: torch.device, stop: dict) ->
     amp_dtype = amp_dtype_for(cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     iteration, epoch, batch_in_epoch, best_ap, metrics, evaluated_at = 0, 0, 0, -1.0, {}, -1
-    if cfg.resume:
-        ckpt = evaluate.read_checkpoint(cfg.resume)
-        if not evaluate.is_training_checkpoint(ckpt):
-            raise data.UserError(f"{cfg.resume}: a state dict without a training state (no "
-                                 "optimizer, config): --resume continues a train.py run only")
-        check_resumable(ckpt, cfg, world, cfg.resume)
-        model.load_state_dict(ckpt["model"])
+    if ckpt is not None:
+        evaluate.load_foreign(evaluate.load_checked, cfg.resume, model, ckpt["model"], cfg.resume)
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
         if ema is not None:
@@ -606,6 +657,9 @@ def run(cfg: Config, rank: int, world: int, device: torch.device, stop: dict) ->
             ddp = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         ddp = DistributedDataParallel(ddp, device_ids=[device.index] if device.type == "cuda" else None)
     set_train_mode(model, cfg.freeze_bn)
+    # the newest good checkpoint of this run, for the message of a non-finite stop: the --resume
+    # file until save_all writes last.pt
+    kept = {"path": Path(cfg.resume) if ckpt is not None else None, "iteration": iteration}
 
     def checkpoint() -> dict:
         """All ranks call (the RNG states are gathered); rank 0 keeps the dict."""
@@ -637,12 +691,16 @@ def run(cfg: Config, rank: int, world: int, device: torch.device, stop: dict) ->
             save(state, out / "last.pt")
             if is_best:
                 save(state, out / "best.pt")
+        kept.update(path=out / "last.pt", iteration=iteration)
 
     n_params = sum(p.numel() for p in model.parameters())
     say(f"{world} process(es) on {device}, amp {amp_dtype}; model {n_params:,} parameters; "
         f"{len(train_data)} training images, {steps_per_epoch} steps/epoch x {cfg.epochs} epochs "
         f"= {total_iters} iterations (running {planned}) of {per_step * world} images")
     train_seconds, window_seconds, window_images, start_iter = 0.0, 0.0, 0, iteration
+    if batch_in_epoch == 0 and epoch > 0 and evaluation_due(cfg, epoch) and evaluated_at != iteration:
+        metrics, evaluated_at = evaluation(), iteration   # a signal came before the epoch's one
+        save_all()
     while epoch < cfg.epochs and iteration < planned:
         train_set.set_epoch(epoch)
         train_set.mixup = mixup_on(cfg, epoch)
@@ -650,9 +708,11 @@ def run(cfg: Config, rank: int, world: int, device: torch.device, stop: dict) ->
         model.set_dropblock(*dropblock_at(cfg, epoch))
         order = list(sampler)[batch_in_epoch * per_step:steps_per_epoch * per_step]  # resume point
         # its own generator: making a loader iterator draws a seed, which must not move the
-        # global RNG (DropBlock's) differently in a resumed run
+        # global RNG (DropBlock's) differently in a resumed run; the workers ignore SIGTERM and
+        # SIGINT, so a signal to the whole process group stops the run as one to this process
         batches = iter(DataLoader(train_set, cfg.batch_size, sampler=order, collate_fn=data.collate,
                                   num_workers=cfg.workers, pin_memory=device.type == "cuda",
+                                  worker_init_fn=data.ignore_stop_signals,
                                   generator=torch.Generator().manual_seed(cfg.seed + epoch)))
         while batch_in_epoch < steps_per_epoch and iteration < planned:
             tic = time.time()
@@ -664,8 +724,8 @@ def run(cfg: Config, rank: int, world: int, device: torch.device, stop: dict) ->
                 terms = train_step(ddp, model, batches, size, cfg, optimizer, scaler, amp_dtype,
                                    device, world)
             except NonFiniteLoss as e:
-                say(f"non-finite loss at iteration {iteration} (epoch {epoch}, size {size}): {e}; "
-                    f"stopped without saving: {out / 'last.pt'} keeps the last good weights")
+                say(f"non-finite {e.what} at iteration {iteration} (epoch {epoch}, size {size}): "
+                    f"{e.detail}; stopped without saving; {kept_note(kept)}")
                 log({"iteration": iteration, "non_finite": str(e)})
                 raise SystemExit(1) from e
             except (torch.OutOfMemoryError, RuntimeError) as e:
@@ -694,13 +754,15 @@ def run(cfg: Config, rank: int, world: int, device: torch.device, stop: dict) ->
             if world > 1:
                 dist.all_reduce(stop_now)                  # stop together, at the same iteration
             if stop_now.item():
+                if batch_in_epoch == steps_per_epoch:      # the epoch's last step: the next at 0
+                    epoch, batch_in_epoch = epoch + 1, 0
                 save_all()
                 say(f"stopped by signal at iteration {iteration}; saved {out / 'last.pt'} "
                     f"(continue with --resume {out / 'last.pt'})")
                 return model
         if batch_in_epoch == steps_per_epoch:              # a whole epoch done
             epoch, batch_in_epoch = epoch + 1, 0
-            if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
+            if evaluation_due(cfg, epoch):
                 metrics, evaluated_at = evaluation(), iteration
         save_all()
     if evaluated_at != iteration:                          # --max-iters ended between evaluations

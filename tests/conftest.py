@@ -1,18 +1,50 @@
-"""Test-session hook for the coursework exercises (tests/exercise.py, tests/test_exercises.py).
+"""Test-session hooks: the thread count, the seeds of the fitting tests, the exercise stubs.
 
-With ASFF_EXERCISE_STUB=<exercise>:<raise|zeros> in the environment, the exercise's function is
-replaced before any test module imports it: `raise` by a stub that raises NotImplementedError,
-`zeros` by one that returns zeros shaped like the real result. test_exercises.py runs each
-exercise's grading tests that way and asserts that they fail. Without the variable this file
-does nothing.
+ASFF_TEST_THREADS=<n>: every test starts on n torch threads (torch.set_num_threads; the count
+is put back after it). No test may depend on the count, so the suite must pass with 1 and 2:
+    ASFF_TEST_THREADS=1 python -m pytest tests
+    ASFF_TEST_THREADS=2 python -m pytest tests
+Tests that need a count set it themselves (the golden fixtures' count, train.py's --threads 1).
+Without the variable the count is torch's default.
+
+ASFF_TEST_SEEDS=<s1,s2,...>: tests that take a `seed` argument (the fitting tests of
+test_loss.py) run once per seed; default 0. To try others:
+    ASFF_TEST_SEEDS=0,1,2,3 python -m pytest tests/test_loss.py -k "minimal or learns"
+
+ASFF_EXERCISE_STUB=<exercise>:<raise|zeros> (for the coursework exercises, tests/exercise.py
+and tests/test_exercises.py): the exercise's function is replaced before any test module
+imports it: `raise` by a stub that raises NotImplementedError, `zeros` by one that returns zeros
+shaped like the real result. test_exercises.py runs each exercise's grading tests that way and
+asserts that they fail. Without the variable nothing is replaced.
 """
 
 import importlib
 import os
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
+
+
+@pytest.fixture(autouse=True)
+def torch_thread_count():
+    """ASFF_TEST_THREADS torch threads for each test (see the module docstring)."""
+    threads = os.environ.get("ASFF_TEST_THREADS")
+    if not threads:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(int(threads))
+    yield
+    torch.set_num_threads(before)
+
+
+def pytest_generate_tests(metafunc):
+    """A test with a `seed` argument runs once per seed of ASFF_TEST_SEEDS (default 0)."""
+    if "seed" in metafunc.fixturenames:
+        seeds = os.environ.get("ASFF_TEST_SEEDS", "0")
+        metafunc.parametrize("seed", [int(s) for s in seeds.split(",")])
 
 
 def zeros_like(value):

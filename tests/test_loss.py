@@ -2,6 +2,7 @@
 hand-computed numbers and finite differences (Sec. 3.1, 3.3, 3.4; Tables 1-2)."""
 
 import math
+import os
 from contextlib import contextmanager
 from functools import cache
 
@@ -686,6 +687,28 @@ def test_no_nan_or_inf_for_border_tiny_and_huge_boxes(form):
         assert torch.isfinite(o["pred"].grad).all() and torch.isfinite(o["shape"].grad).all()
 
 
+def test_a_diverged_log_shape_gives_a_finite_loss_and_gradient():
+    """g = +-136.6 (seen in a diverging run) overflows exp in float32; Level.anchors bounds it at
+    +-MAX_LOG_SHAPE, and leaves every shape inside the bound as A * exp(g) exactly."""
+    model = tiny_model(4)
+    outputs = raw_outputs(model, batch=1, seed=14, scale=0.5)
+    with torch.no_grad():
+        outputs[8]["shape"][0, :, :, 7, 12] = 136.6       # every slot of the s8 object's cell
+        outputs[16]["shape"][0, :, :, 3, 9] = -136.6      # and of the s16 object's
+    targets = [torch.tensor([box(3, 100.5, 60.3, 24, 20), box(1, 150.0, 60.0, 60, 48)])]
+    losses = loss.compute_loss(outputs, targets, model)
+    assert all(torch.isfinite(v) for v in losses.values()), losses
+    losses["total"].backward()
+    for o in outputs.values():
+        assert torch.isfinite(o["pred"].grad).all() and torch.isfinite(o["shape"].grad).all()
+    levels = levels_of(model, outputs)
+    at = [torch.tensor(v) for v in (0, 2, 7, 12)]
+    torch.testing.assert_close(levels[8].anchors(*at), model.slot_sizes(8)[2] * 1e4)
+    inside = [torch.tensor(v) for v in (0, 1, 5, 20)]                    # an ordinary cell
+    g = outputs[8]["shape"][0, 1, :, 5, 20]
+    assert levels[8].anchors(*inside).tolist() == (model.slot_sizes(8)[1] * torch.exp(g)).tolist()
+
+
 # ---------------------------------------------------------------------------------------------
 # Vectorised == the per-object loop reference
 # ---------------------------------------------------------------------------------------------
@@ -716,8 +739,32 @@ def test_vectorised_matches_the_loop_reference(guided, label_smooth, iou_form):
 
 
 # ---------------------------------------------------------------------------------------------
-# Overfitting (the slowest test: ~15-25 s on one core)
+# Fitting two images: the objective's minimum is the objects, and the network takes its gradient
+# (tests with a `seed` argument run once per seed of ASFF_TEST_SEEDS, see conftest.py)
 # ---------------------------------------------------------------------------------------------
+# Each object has exactly an anchor's shape (s8, s16 | s16, s8, s32): the free slot, which learns
+# the same shape, can at best tie with that anchor (a strict > takes over), so the positives
+# never change slots while the shapes train.
+OBJECTS = [[(0, 20.2, 25.7, 33, 23), (2, 40.0, 36.1, 62, 45)],
+           [(1, 20.4, 31.4, 30, 61), (0, 50.2, 50.7, 16, 30), (2, 33.3, 30.6, 116, 90)]]
+
+
+def fitting_threads() -> int:
+    """1 unless ASFF_TEST_THREADS says otherwise: on 2 cores shared with other jobs, 2 threads
+    stall each other on these small tensors (measured 7x slower). The results do not depend on it."""
+    return int(os.environ.get("ASFF_TEST_THREADS", 1))
+
+
+def two_image_targets(seed: int, dtype=torch.float32) -> list[torch.Tensor]:
+    """OBJECTS with their centres moved by up to 3 px by the seed (seed 0: as listed). Each
+    image has at most one object per level, so no two objects ever share a slot."""
+    g = torch.Generator().manual_seed(seed)
+    shift = (6 * torch.rand(5, 2, generator=g, dtype=torch.float64) - 3) * (seed != 0)
+    rows = [box(c, x + dx, y + dy, w, h) for (c, x, y, w, h), (dx, dy) in
+            zip([o for image in OBJECTS for o in image], shift.tolist(), strict=True)]
+    return [torch.tensor(rows[:2], dtype=dtype), torch.tensor(rows[2:], dtype=dtype)]
+
+
 def xy_floor(model, outputs, targets, size):
     """The xy term's minimum: BCE against a fractional offset f is at least its entropy H(f)."""
     assignment, gt = assign(model, outputs, targets, size)
@@ -728,47 +775,53 @@ def xy_floor(model, outputs, targets, size):
     return floor.item() / len(targets)
 
 
-def test_overfit_small_model_on_two_synthetic_images():
-    """Sec. 3.4's objective must be able to fit: 400 Adam steps on two 64x64 noise images."""
-    # one thread: deterministic, and on a 2-core machine shared with other jobs two threads stall
-    # each other (measured 2-3x slower)
-    with torch_threads(1):
-        torch.manual_seed(0)
-        model = Detector(num_classes=3, width=0.25, depth=0.34).train()
-        images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
-        # Each object has exactly an anchor's shape (s8, s16 | s16, s8, s32), so the free slot
-        # can never beat it (strict >) and positives cannot flip between slots as shapes train.
-        targets = [torch.tensor([box(0, 20.2, 25.7, 33, 23), box(2, 40.0, 36.1, 62, 45)]),
-                   torch.tensor([box(1, 20.4, 31.4, 30, 61), box(0, 50.2, 50.7, 16, 30),
-                                 box(2, 33.3, 30.6, 116, 90)])]
-        optimizer = torch.optim.Adam(model.parameters(), lr=5e-3)
-        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, 400)
-        for step in range(401):
-            outputs = model(images)
-            losses = loss.compute_loss(outputs, targets, model, label_smooth=False)
-            if step == 0:
-                first = losses
-            if step == 400:
-                break
+def test_the_objective_is_minimal_at_the_objects(seed):
+    """Sec. 3.4's objective over free head outputs, one parameter per output value (a network
+    would have to learn them): from random offset, objectness and class logits and the anchors'
+    own shapes (g = tw = th = 0), full-batch Rprop reaches every term's minimum, and decoding the
+    outputs gives the objects. Machine-independent by design: the terms share one minimum (the
+    objects' boxes, sure objectness and classes), the shapes start at it, and Rprop, which
+    follows gradient signs and shrinks a step at each sign change, closes in on it to a few of
+    its smallest steps (1e-6) whatever the rounding; float64 keeps that far below float32's
+    resolution.
+    (From random shapes, the L1 size term's kink along tw + g = const stalls Adam and Rprop
+    on the anchor term, 0.5-1.7 of it left after 400 steps: a valley this test is not about.)"""
+    model = tiny_model(3)
+    targets = two_image_targets(seed, torch.float64)
+    outputs = raw_outputs(model, size=64, batch=2, seed=seed, dtype=torch.float64)
+    with torch.no_grad():
+        for o in outputs.values():
+            o["shape"].zero_()
+            o["pred"][:, :, 2:4] = 0.0
+    leaves = [t for o in outputs.values() for t in o.values()]
+    optimizer = torch.optim.Rprop(leaves, lr=0.01)
+    fit = lambda: loss.compute_loss(outputs, targets, model, label_smooth=False)  # noqa: E731
+    with torch_threads(fitting_threads()):
+        first = fit()
+        for _ in range(200):
             optimizer.zero_grad()
-            losses["total"].backward()
+            fit()["total"].backward()
             optimizer.step()
-            schedule.step()
+        losses = fit()
     detached = {s: {k: v.detach() for k, v in o.items()} for s, o in outputs.items()}
+    assignment, _ = assign(model, detached, targets, 64)
+    assert all((a.slot == a.anchor_slot).all() for a in assignment.values())   # no takeover
     floor = xy_floor(model, detached, targets, 64)
-    assert losses["total"].item() - floor < 0.01 * (first["total"].item() - floor)
-    assert losses["xy"].item() - floor < 0.05
-    for term in ("anchor", "iou", "wh", "obj", "cls"):
-        assert losses[term].item() < 0.25, (term, losses[term].item())
-    # decoded from the training-mode pass: with 2x2 maps at s32 and batch 2, eval-mode BN's
-    # unbiased running variance (n/(n-1) = 8/7) would shift the boxes by itself
-    rows = torch.cat([decode_level(o["pred"], o["shape"], s, model.slot_sizes(s)).flatten(1, 3)
-                      for s, o in detached.items()], dim=1)                  # (2, N, 5+C)
+    # measured over seeds 0-7 on 1 and 2 threads: box terms <= 1.4e-5, obj and cls <= 5e-17,
+    # xy - floor <= 5e-13, 1 - IoU = 2e-6, from terms of 3 to 250 at the start; the bounds leave
+    # 7x (box terms) to 1e6x of margin
+    assert first["total"].item() > 100 and losses["xy"].item() - floor < 1e-6
+    for term in ("anchor", "iou", "wh"):
+        assert losses[term].item() < 1e-4, (term, losses[term].item())
+    for term in ("obj", "cls"):
+        assert losses[term].item() < 1e-9, (term, losses[term].item())
+    rows = torch.cat([decode_level(o["pred"], o["shape"], s, model.slot_sizes(s).double())
+                      .flatten(1, 3) for s, o in detached.items()], dim=1)   # (2, N, 5+C)
     for b, t in enumerate(targets):      # every object found by a confident box of its class
         found = rows[b, rows[b, :, 4] * rows[b, :, 5:].max(dim=1).values > 0.5]
         iou = loss.box_iou(found[:, None, :4], t[None, :, 1:5])             # (found, objects)
         same = found[:, 5:].argmax(dim=1)[:, None] == t[None, :, 0].long()
-        assert ((iou * same).amax(dim=0) > 0.9).all(), iou
+        assert ((iou * same).amax(dim=0) > 0.999).all(), iou
 
 
 def test_demo_terms_equal_their_hand_sums(capsys):
@@ -783,3 +836,31 @@ def test_demo_terms_equal_their_hand_sums(capsys):
     assert terms["obj"][0] == pytest.approx(255 * math.log(2), rel=1e-6)     # 256 slots, 1 ignored
     printed = capsys.readouterr().out
     assert "(the anchor-free slot takes it)" in printed and "its level is stride 16" in printed
+
+
+
+def test_the_network_learns_objectness_and_classes_first(seed):
+    """The objective's gradient trains the network: 30 Adam steps on two noise images cut the
+    objectness and class terms, and the total they dominate at first, to under a quarter.
+    Only this early phase is checked: its fall is driven by large gradients of one sign (the
+    biases learning how rare objects are); over seeds 0-7, each also from two starts moved by
+    1e-6 (more than another CPU's rounding) and on 2 threads, the three ratios were at most
+    0.08, so the bound of 0.25 has 3x of margin. Later on, the box terms' path is chaotic: two
+    starts 1e-7 apart ended 400 steps with IoU terms of 0.12 and 0.89, which is why no longer
+    run of the network is asserted here."""
+    with torch_threads(fitting_threads()):
+        torch.manual_seed(seed)
+        model = Detector(num_classes=3, width=0.125, depth=0.33).train()
+        images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(seed))
+        targets = two_image_targets(seed)
+        optimizer = torch.optim.Adam(model.parameters(), lr=5e-3)
+        fit = lambda: loss.compute_loss(model(images), targets, model, label_smooth=False)  # noqa: E731
+        first = fit()
+        for _ in range(30):
+            optimizer.zero_grad()
+            fit()["total"].backward()
+            optimizer.step()
+        losses = fit()
+    for term in ("total", "obj", "cls"):
+        assert losses[term].item() < 0.25 * first[term].item(), (term, losses[term].item(),
+                                                                first[term].item())
