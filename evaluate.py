@@ -1,46 +1,40 @@
 """COCO evaluation and Figure 3 pictures - paper Sec. 3.4, Tables 3-4 (AP), Figure 3.
 
-Inference (Sec. 3.4): plain resize to the test size (the release's preprocessing; letterbox is an
-option), the model's eval-mode decode (head.py), then `postprocess`: corners from (cx, cy, w, h),
-score = obj * class probability (one label per box, the argmax class, as released; multi-label
-is an option), a low confidence threshold (COCO AP needs the tail), greedy NMS separately per
-class at IoU 0.6 (the paper; the release used 0.65, `--nms 0.65`), at most 100 boxes per image.
-
-Public entry points:
-    postprocess(decoded (B, N, 5+C), conf_thre, nms_thre, max_det) -> list of B (K, 7) tensors
-        columns [x1, y1, x2, y2, score, class, obj] in input pixels, by descending score
-    batched_nms(boxes (K, 4), scores (K,), classes (K,), iou_thre) -> kept indices (K',)
-    to_original(det (K, 7), input_hw, original_hw, letterbox=False) -> (K, 7) in image pixels
-    to_coco_results(dets, image_ids, cat_ids) -> COCO results list ([x, y, w, h], real ids)
-    coco_score(coco_gt, results, image_ids) -> {"AP", "AP50", ..., "ARl"} (pycocotools COCOeval)
-    evaluate(model, dataset, size=608, ...) -> dict of floats; sharded over torch.distributed
-        ranks when a process group is up (train.py calls it); scores against dataset.coco,
-        which data.CocoDetection builds from the boxes it kept
-    check_classes(model, dataset, weights) -> DataError unless model.num_classes equals the
-        data set's category count (evaluate and the command line call it first)
-    load_model(weights, **config) -> Detector from our checkpoint, a released one or darknet's
-    draw_figure3(image, detections, maps, class_names) -> PIL.Image (Figure 3)
-    show(model, image, out, size, class_names) -> path of the Figure 3 PNG (train.py's demo)
+Inference (Sec. 3.4): plain resize to the test size (as released; letterbox is an option), the
+model's eval-mode decode (head.py), then `postprocess`: score = obj * class probability (the
+argmax class, as released), a low threshold (COCO AP needs the tail), greedy NMS per class at
+IoU 0.6 (the paper; the release 0.65), at most 100 boxes per image. Entry points:
+    postprocess(decoded (B, N, 5+C)) -> B x (K, 7) [x1, y1, x2, y2, score, class, obj], input px
+    to_original, to_coco_results, coco_score (pycocotools): image pixels, COCO ids, the 12 stats
+    evaluate(model, dataset, cfg=EvalConfig(), **settings) -> dict (sharded over torch ranks)
+    draw_figure3(image, detections, maps, class_names) -> PIL.Image; show(...) writes it
+    load_model(weights) -> Detector: our checkpoint, an authors' one, darknet's .weights
+    dataclass_parser(cls, ...), init_distributed(device): command line and torchrun, as train.py
 
 Command line (`python evaluate.py -h`; no arguments prints the help and a toy NMS example):
     python evaluate.py --weights yolov3_asff.pth --data /coco --size 608    # val2017 AP
     python evaluate.py --weights ckpt.pt --data /coco --test-dev --out run/  # server file
-    python tests/bench.py speed --runs 5 --threads 1                         # Tables 3-4 FPS
     python evaluate.py --show img.jpg --weights ckpt.pt --out run/           # Figure 3
+    python evaluate.py --detect photos/ --weights ckpt.pt --out found/       # your images
     torchrun --nproc_per_node 4 evaluate.py --weights ...                    # sharded
+    python tests/bench.py speed --runs 5 --threads 1                         # Tables 3-4 FPS
+Our checkpoints carry their model arguments, evaluation size and class names, used by default
+(flags override; a flag contradicting the architecture is an error).
 
-Departures from the release: NMS 0.6 (paper) rather than 0.65; a 100-box cap per image (COCO
-scores only the top 100 anyway); pure-PyTorch NMS instead of torchvision's. Like the release,
-boxes are not clipped to the image and no +1 is added to widths.
+Departures from the release: NMS 0.6 (paper), not 0.65; at most 100 boxes per image (COCO scores
+100); pure-PyTorch NMS. As released, boxes are not clipped and widths get no +1.
 """
 
 import argparse
 import contextlib
+import dataclasses
+import inspect
 import io
 import json
 import os
 import sys
 import time
+import typing
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +42,11 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
+from pycocotools.cocoeval import COCOeval
+
+import data
+from darknet import read_darknet_weights
+from head import Detector, load_released
 
 CONF_THRE = 0.005   # low, as COCO AP needs (the release: 0.001 in eval.py, 0.01 in main.py)
 NMS_THRE = 0.6      # Sec. 3.4; the release's config moved to 0.65 after publication
@@ -56,29 +55,21 @@ DRAW_CONF = 0.3     # pictures (--detect, --show) draw boxes over this score
 COCO_STATS = ("AP", "AP50", "AP75", "APs", "APm", "APl",
               "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")   # order of COCOeval.stats
 PAPER_COLUMNS = COCO_STATS[:6]                                # Tables 3-4
-COCO_NAMES = tuple(n.replace("_", " ") for n in (  # the 80 classes, in sorted-id order (the
-    # release's demo.py indexed a 90-name list and labelled most classes wrongly:
-    # docs/released-code.md, demo class names)
-    "person bicycle car motorcycle airplane bus train truck boat traffic_light fire_hydrant "
-    "stop_sign parking_meter bench bird cat dog horse sheep cow elephant bear zebra giraffe "
-    "backpack umbrella handbag tie suitcase frisbee skis snowboard sports_ball kite baseball_bat "
-    "baseball_glove skateboard surfboard tennis_racket bottle wine_glass cup fork knife spoon bowl "
-    "banana apple sandwich orange broccoli carrot hot_dog pizza donut cake chair couch "
-    "potted_plant bed dining_table toilet tv laptop mouse remote keyboard cell_phone microwave "
-    "oven toaster sink refrigerator book clock vase scissors teddy_bear hair_drier "
-    "toothbrush").split())
+COCO_NAMES = tuple(n.replace("_", " ") for n in (  # the 80 classes in sorted-id order (the release's
+    # demo.py indexed a 90-name list and labelled most classes wrongly: docs/released-code.md)
+    "person bicycle car motorcycle airplane bus train truck boat traffic_light fire_hydrant stop_sign "
+    "parking_meter bench bird cat dog horse sheep cow elephant bear zebra giraffe backpack umbrella "
+    "handbag tie suitcase frisbee skis snowboard sports_ball kite baseball_bat baseball_glove skateboard "
+    "surfboard tennis_racket bottle wine_glass cup fork knife spoon bowl banana apple sandwich orange "
+    "broccoli carrot hot_dog pizza donut cake chair couch potted_plant bed dining_table toilet tv laptop "
+    "mouse remote keyboard cell_phone microwave oven toaster sink refrigerator book clock vase scissors "
+    "teddy_bear hair_drier toothbrush").split())
 COCO_CAT_IDS = tuple(k for k in range(1, 91) if k not in (12, 26, 29, 30, 45, 66, 68, 69, 71, 83))
 
 
 # ---------------------------------------------------------------------------------------------
 # Post-processing (Sec. 3.4): threshold, per-class NMS, top 100
 # ---------------------------------------------------------------------------------------------
-def xywh_to_xyxy(boxes: torch.Tensor) -> torch.Tensor:
-    """(..., 4) [cx, cy, w, h] -> (..., 4) [x1, y1, x2, y2]."""
-    cx, cy, w, h = boxes.unbind(-1)
-    return torch.stack((cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2), dim=-1)
-
-
 def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """IoU of every pair of corner boxes: (N, 4), (M, 4) -> (N, M)."""
     lt = torch.maximum(a[:, None, :2], b[None, :, :2])                   # (N, M, 2)
@@ -91,15 +82,10 @@ def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, classes: torch.Tensor,
                 iou_thre: float, max_det: int | None = None, chunk: int = 512) -> torch.Tensor:
-    """Greedy NMS separately per class; indices of the kept boxes by descending score.
-
-    A box is dropped when its IoU with a kept, higher-scoring box of its class is > iou_thre.
-    Equal scores keep input order (stable sort). The offset trick moves each class to its own
-    region of the plane, so boxes of different classes never overlap and one greedy pass over
-    all classes does the per-class NMS; float64 keeps that shift (up to C x span) exact.
-    Candidates are taken in chunks by score, so memory stays O(chunk^2) and the pass stops as
-    soon as `max_det` boxes are kept (the greedy order makes those the top max_det).
-    """
+    """Greedy NMS per class -> kept indices by descending score (ties: input order). A box goes
+    when its IoU with a kept, higher-scoring box of its class is > iou_thre. Each class is shifted
+    to its own region of the plane (float64: exact), so one greedy pass does every class; in
+    chunks by score (memory O(chunk^2)), stopping once `max_det` boxes are kept."""
     if boxes.shape[0] == 0:
         return torch.zeros(0, dtype=torch.long, device=boxes.device)
     b = boxes.double()                                                   # (K, 4)
@@ -130,31 +116,27 @@ def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, classes: torch.Tensor
 
 def postprocess(decoded: torch.Tensor, conf_thre: float = CONF_THRE, nms_thre: float = NMS_THRE,
                 max_det: int = MAX_DET, multi_label: bool = False) -> list[torch.Tensor]:
-    """Decoded rows (B, N, 5+C) -> per image (K, 7) [x1, y1, x2, y2, score, class, obj].
-
-    score = obj * class probability; class is the contiguous index (a float column); obj is the
-    objectness alone. Rows by descending score, K <= max_det. With multi_label every
-    (box, class) pair over the threshold is a candidate; otherwise only the argmax class.
-    """
-    return [_postprocess_image(p, conf_thre, nms_thre, max_det, multi_label) for p in decoded]
-
-
-def _postprocess_image(p: torch.Tensor, conf_thre: float, nms_thre: float, max_det: int,
-                       multi_label: bool) -> torch.Tensor:
-    p = p[p[:, 4] >= conf_thre]       # (N', 5+C) class probs <= 1, so obj >= conf is necessary
-    obj = p[:, 4]                                                        # (N',)
-    if multi_label:
-        rows, cls = (p[:, 5:] * obj[:, None] >= conf_thre).nonzero(as_tuple=True)  # (K,), (K,)
-        score = p[rows, 5 + cls] * obj[rows]                             # (K,)
-    else:
-        cls_prob, cls = p[:, 5:].max(1)                                  # (N',), (N',)
-        score = obj * cls_prob                                           # (N',) obj * max cls
-        rows = (score >= conf_thre).nonzero().squeeze(1)                 # (K,)
-        cls, score = cls[rows], score[rows]                              # (K,), (K,)
-    boxes = xywh_to_xyxy(p[rows, :4])                                    # (K, 4)
-    keep = batched_nms(boxes, score, cls, nms_thre, max_det)             # (K',)
-    columns = (score[keep, None], cls[keep, None].to(p.dtype), obj[rows][keep, None])
-    return torch.cat((boxes[keep], *columns), dim=1)                     # (K', 7)
+    """Decoded rows (B, N, 5+C) -> per image (K <= max_det, 7) [x1, y1, x2, y2, score = obj * cls
+    prob, class index, obj] by descending score; candidates: the argmax class of each box, or
+    with multi_label every (box, class) pair over the threshold."""
+    out = []
+    for p in decoded:                 # (N, 5+C); class probs <= 1, so obj >= conf is necessary
+        p = p[p[:, 4] >= conf_thre]                                      # (N', 5+C)
+        obj = p[:, 4]                                                    # (N',)
+        if multi_label:
+            rows, cls = (p[:, 5:] * obj[:, None] >= conf_thre).nonzero(as_tuple=True)  # (K,), (K,)
+            score = p[rows, 5 + cls] * obj[rows]                         # (K,)
+        else:
+            cls_prob, cls = p[:, 5:].max(1)                              # (N',), (N',)
+            score = obj * cls_prob                                       # (N',) obj * max cls
+            rows = (score >= conf_thre).nonzero().squeeze(1)             # (K,)
+            cls, score = cls[rows], score[rows]                          # (K,), (K,)
+        cx, cy, w, h = p[rows, :4].unbind(-1)                            # (K,) each
+        boxes = torch.stack((cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2), -1)  # (K, 4) corners
+        keep = batched_nms(boxes, score, cls, nms_thre, max_det)         # (K',)
+        columns = (score[keep, None], cls[keep, None].to(p.dtype), obj[rows][keep, None])
+        out.append(torch.cat((boxes[keep], *columns), dim=1))            # (K', 7)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -171,11 +153,8 @@ def letterbox_geometry(original_hw: tuple[int, int], input_hw: tuple[int, int]):
 
 def to_original(det: torch.Tensor, input_hw: tuple[int, int], original_hw: tuple[int, int],
                 letterbox: bool = False) -> torch.Tensor:
-    """(K, 7) detections in input pixels -> (K, 7) in the original image's pixels (a new tensor).
-
-    Plain resize (the default, as released): x * (orig_w / in_w), y * (orig_h / in_h).
-    Letterbox: the inverse of `letterbox_geometry`, (x - pad_x) * (orig_w / new_w).
-    """
+    """(K, 7) detections in input pixels -> (K, 7) in the original image's pixels (a new tensor):
+    x * (orig_w / in_w) for the plain resize, (x - pad_x) * (orig_w / new_w) for the letterbox."""
     (in_h, in_w), (h, w) = input_hw, original_hw
     new_w, new_h, pad_x, pad_y = (letterbox_geometry(original_hw, input_hw) if letterbox
                                   else (in_w, in_h, 0, 0))
@@ -187,20 +166,16 @@ def to_original(det: torch.Tensor, input_hw: tuple[int, int], original_hw: tuple
 
 def preprocess(image: np.ndarray, size: int, letterbox: bool = False,
                darknet: bool = False) -> torch.Tensor:
-    """uint8 (H, W, 3) RGB -> (3, size, size) input: data.normalize's plain resize (the release's),
-    or the same resize to the letterbox area, pasted on zeros (= the ImageNet mean colour).
-
-    darknet: the input darknet's own models (yolov3.weights) were trained on - pixels / 255,
-    no mean or std, letterbox bars of 0.5 (darknet's letterbox_image).
-    """
-    from data import normalize
+    """uint8 (H, W, 3) RGB -> (3, size, size): data.normalize's plain resize (the release's), or
+    that resize to the letterbox area pasted on zeros (= the mean colour). darknet: what darknet's
+    own models were trained on - pixels / 255, no mean or std, letterbox bars of 0.5."""
     new_w, new_h, pad_x, pad_y = (letterbox_geometry(image.shape[:2], (size, size)) if letterbox
                                   else (size, size, 0, 0))
     if darknet:
         x = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255   # (1, 3, H, W)
         resized = F.interpolate(x, size=(new_h, new_w), mode="bilinear", align_corners=False)[0]
     else:
-        resized = normalize(image, (new_h, new_w))                       # (3, new_h, new_w)
+        resized = data.normalize(image, (new_h, new_w))                  # (3, new_h, new_w)
     if not letterbox:
         return resized                                                   # (3, size, size)
     x = torch.full((3, size, size), 0.5 if darknet else 0.0)             # (3, size, size)
@@ -215,46 +190,37 @@ def to_coco_results(detections: list[torch.Tensor], image_ids: list[int],
                     cat_ids: list[int]) -> list[dict]:
     """Per-image (K, 7) detections in original pixels -> COCO results: [x, y, w, h] (w = x2 - x1,
     no +1, as released) and the data set's own category id cat_ids[class]."""
-    results = []
-    for det, image_id in zip(detections, image_ids):
-        for x1, y1, x2, y2, score, cls, _ in det.tolist():
-            results.append({"image_id": int(image_id), "category_id": int(cat_ids[int(cls)]),
-                            "bbox": [round(x1, 2), round(y1, 2), round(x2 - x1, 2),
-                                     round(y2 - y1, 2)],
-                            "score": round(score, 5)})
-    return results
+    return [{"image_id": int(image_id), "category_id": int(cat_ids[int(cls)]),
+             "bbox": [round(x1, 2), round(y1, 2), round(x2 - x1, 2), round(y2 - y1, 2)],
+             "score": round(score, 5)}
+            for det, image_id in zip(detections, image_ids)
+            for x1, y1, x2, y2, score, cls, _ in det.tolist()]
 
 
-def check_results(results: list[dict], coco_gt, source: str = "the annotation file") -> None:
-    """Refuse results whose category or image id the annotations do not know (before
-    pycocotools, whose own message is an assert or a KeyError deep inside COCOeval)."""
-    known_cats, known_images = set(coco_gt.getCatIds()), set(coco_gt.getImgIds())
-    bad_cats = sorted({r["category_id"] for r in results} - known_cats)
+def check_results(results: list[dict], coco_gt) -> None:
+    """Refuse results whose category or image id the annotations lack (before pycocotools, whose
+    own message is an assert or a KeyError deep inside COCOeval)."""
+    cats, images = set(coco_gt.getCatIds()), set(coco_gt.getImgIds())
+    bad_cats = sorted({r["category_id"] for r in results} - cats)
+    bad_images = sorted({r["image_id"] for r in results} - images)
     if bad_cats:
-        raise ValueError(f"results use category id(s) {bad_cats[:10]} that {source} does not "
-                         f"define (it has {len(known_cats)} categories: {sorted(known_cats)[:10]}"
-                         f"{'...' if len(known_cats) > 10 else ''})")
-    bad_images = sorted({r["image_id"] for r in results} - known_images)
+        raise ValueError(f"results use category id(s) {bad_cats[:10]} that the annotation file "
+                         f"does not define (it has {len(cats)}: {sorted(cats)[:10]}...)")
     if bad_images:
-        raise ValueError(f"results use image id(s) {bad_images[:10]} that {source} does not have")
+        raise ValueError(f"results use image id(s) {bad_images[:10]} that the annotation file lacks")
 
 
 def coco_score(coco_gt, results: list[dict], image_ids: list[int] | None = None,
                verbose: bool = True) -> dict[str, float]:
-    """COCOeval(bbox) of `results` over `image_ids` (default: all) -> the 12 stats as floats.
-
-    Prints pycocotools' 12-line summary when verbose. No detections at all scores 0.
-    """
+    """COCOeval(bbox) of `results` over `image_ids` (default: all) -> the 12 stats as floats;
+    prints pycocotools' summary when verbose. No detections at all scores 0."""
     check_results(results, coco_gt)
     if not results:
         print("no detections: every AP and AR is 0")
         return dict.fromkeys(COCO_STATS, 0.0)
-    out = sys.stdout if verbose else io.StringIO()
-    with contextlib.redirect_stdout(out):
-        coco_dt = coco_gt.loadRes([dict(r) for r in results])  # loadRes adds keys to each dict
-        from pycocotools.cocoeval import COCOeval
-        cocoeval = COCOeval(coco_gt, coco_dt, "bbox")
-        if image_ids is not None:
+    with contextlib.redirect_stdout(sys.stdout if verbose else io.StringIO()):
+        cocoeval = COCOeval(coco_gt, coco_gt.loadRes([dict(r) for r in results]), "bbox")
+        if image_ids is not None:                     # (loadRes adds keys to each dict: copies)
             cocoeval.params.imgIds = sorted(image_ids)
         cocoeval.evaluate()
         cocoeval.accumulate()
@@ -262,185 +228,570 @@ def coco_score(coco_gt, results: list[dict], image_ids: list[int] | None = None,
     return {k: float(v) for k, v in zip(COCO_STATS, cocoeval.stats)}
 
 
-def format_paper_row(metrics: dict[str, float]) -> str:
-    """The paper's columns (AP, AP50, AP75, APs, APm, APl) in percent, as in Tables 3-4."""
-    head = "".join(f"{k:>7}" for k in PAPER_COLUMNS)
-    row = "".join(f"{100 * metrics[k]:>7.1f}" for k in PAPER_COLUMNS)
-    return f"{head}\n{row}"
-
-
 # ---------------------------------------------------------------------------------------------
 # Evaluation loop: one process or sharded over torch.distributed ranks
 # ---------------------------------------------------------------------------------------------
-def _rank_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _image_name(dataset, index: int) -> str:
-    image_id = dataset.ids[index]
-    info = getattr(dataset, "coco", None) and dataset.coco.imgs.get(image_id)
-    return info["file_name"] if info else f"image id {image_id}"
-
-
-def _load_batch(dataset, indices, size, letterbox, darknet, failures):
+def _load_batch(dataset, indices, cfg: "EvalConfig", failures: list[str]):
     """Load and preprocess images; a failing image is named, counted and left out."""
     inputs, metas = [], []
     for index in indices:
         try:
             image, image_id = dataset.load_image(index)
         except Exception as e:  # noqa: BLE001 - any decode failure: name it, skip the image
-            failures.append(_image_name(dataset, index))
+            info = getattr(dataset, "coco", None) and dataset.coco.imgs.get(dataset.ids[index])
+            failures.append(info["file_name"] if info else f"image id {dataset.ids[index]}")
             print(f"skipped {failures[-1]}: {type(e).__name__}: {e}", flush=True)
             continue
-        inputs.append(preprocess(image, size, letterbox, darknet))       # (3, S, S)
+        inputs.append(preprocess(image, cfg.size, cfg.letterbox, cfg.darknet_input))  # (3, S, S)
         metas.append((index, image_id, image.shape[:2]))
     return inputs, metas
 
 
-def _infer_shard(model, dataset, indices, size, post, letterbox, darknet, batch_size, amp_dtype,
-                 progress) -> tuple[dict[int, list[dict]], list[str]]:
-    """Detections of the images at `indices`: {dataset index: COCO result dicts}, failures."""
-    device = next(model.parameters()).device
-    per_image, failures = {}, []
-    for start in range(0, len(indices), batch_size):
-        batch = indices[start:start + batch_size]
-        inputs, metas = _load_batch(dataset, batch, size, letterbox, darknet, failures)
+def _infer_shard(model, dataset, indices, cfg: "EvalConfig", total: int, world: int,
+                 verbose: bool) -> tuple[dict[int, list[dict]], list[str]]:
+    """Detections of the images at `indices`: {dataset index: COCO result dicts}, failures; a
+    status line every ~5 s (rank 0's count x ranks, rate, ETA)."""
+    device, per_image, failures = next(model.parameters()).device, {}, []
+    tic, last = time.time(), 0.0
+    post = dict(conf_thre=CONF_THRE if cfg.conf_thre is None else cfg.conf_thre,
+                nms_thre=cfg.nms_thre, max_det=cfg.max_det, multi_label=cfg.multi_label)
+    for start in range(0, len(indices), cfg.batch_size):
+        inputs, metas = _load_batch(dataset, indices[start:start + cfg.batch_size], cfg, failures)
         if inputs:
             x = torch.stack(inputs).to(device)                           # (B, 3, S, S)
-            with torch.no_grad(), torch.autocast(device.type, amp_dtype,
-                                                 enabled=amp_dtype is not None):
+            with torch.no_grad(), torch.autocast(device.type, torch.float16, enabled=cfg.half):
                 decoded = model(x).float()                               # (B, N, 5+C)
             for det, (index, image_id, hw) in zip(postprocess(decoded, **post), metas):
-                det = to_original(det.cpu(), (size, size), hw, letterbox)  # (K, 7)
+                det = to_original(det.cpu(), (cfg.size, cfg.size), hw, cfg.letterbox)  # (K, 7)
                 per_image[index] = to_coco_results([det], [image_id], dataset.cat_ids)
-        progress(len(batch))
+        done, now = min((start + cfg.batch_size) * world, total), time.time()
+        if verbose and (now - last > 5 or done >= total):
+            rate, last = done / max(now - tic, 1e-9), now
+            print(f"eval {done}/{total} images  {rate:.1f} img/s  ETA "
+                  f"{(total - done) / max(rate, 1e-9):.0f}s", flush=True)
     return per_image, failures
-
-
-def _progress(total: int, world: int, verbose: bool):
-    """A rank-0 status line every ~5 s: images done (rank 0's count x ranks) / total, rate, ETA."""
-    state = {"done": 0, "start": time.time(), "last": 0.0}
-
-    def step(n: int) -> None:
-        state["done"] += n * world
-        now = time.time()
-        if verbose and (now - state["last"] > 5 or state["done"] >= total):
-            done = min(state["done"], total)
-            rate = done / max(now - state["start"], 1e-9)
-            eta = (total - done) / max(rate, 1e-9)
-            print(f"eval {done}/{total} images  {rate:.1f} img/s  ETA {eta:.0f}s", flush=True)
-            state["last"] = now
-    return step
 
 
 def check_classes(model, dataset, weights: str | None = None) -> None:
     """The model's class k is the data set's category cat_ids[k]: a model of another class
-    count is refused before any image is run (with fewer classes some categories could never be
-    detected, with more the extra ones have no category id)."""
+    count is refused before any image is run."""
     classes = getattr(model, "num_classes", None)
     if classes is not None and classes != len(dataset.cat_ids):
-        from data import DataError
-        raise DataError(f"{weights or 'the model'}: {classes} classes, but "
-                        f"{getattr(dataset, 'ann_file', 'the data set')} has "
-                        f"{len(dataset.cat_ids)} categories; evaluate a model on the categories "
-                        "it was trained on")
+        raise data.DataError(f"{weights or 'the model'}: {classes} classes, but "
+                             f"{getattr(dataset, 'ann_file', 'the data set')} has "
+                             f"{len(dataset.cat_ids)} categories; evaluate a model on the "
+                             "categories it was trained on")
 
 
-def evaluate(model, dataset, size: int = 608, conf_thre: float = CONF_THRE,
-             nms_thre: float = NMS_THRE, max_det: int = MAX_DET, multi_label: bool = False,
-             letterbox: bool = False, batch_size: int = 8, limit: int | None = None,
-             test_dev: bool = False, out: str | None = None, amp_dtype: torch.dtype | None = None,
-             verbose: bool = True, darknet_input: bool = False) -> dict[str, float]:
-    """COCO evaluation of `model` (the bare Detector, not its DDP wrapper) on `dataset`
-    (data.CocoDetection or anything with .coco, .cat_ids, .ids and
-    load_image(index) -> (uint8 HxWx3 RGB, image_id)).
-
-    Under torch.distributed each rank runs images rank, rank + world, ...; detections are
-    gathered with all_gather_object, rank 0 scores, and every rank returns rank 0's dict:
-    the 12 COCO stats (not with test_dev) plus images, failed_images, detections, seconds.
-    darknet_input: preprocess as darknet does (pixels / 255, for darknet's yolov3.weights).
-    `out` (rank 0): metrics.json and the results JSON; test_dev writes only the results file.
-    """
+def evaluate(model, dataset, cfg: "EvalConfig | None" = None, verbose: bool = True,
+             **settings) -> dict[str, float]:
+    """COCO evaluation of `model` (the bare Detector, not its DDP wrapper) on `dataset` (.coco,
+    .cat_ids, .ids, load_image(i) -> (uint8 (H, W, 3), image_id)). cfg: an EvalConfig; keyword
+    `settings` replace its fields (train.py: size=..., nms_thre=...). Under torch.distributed rank
+    r runs images r, r + world, ...; rank 0 scores and writes cfg.out; every rank returns rank 0's
+    dict: the 12 COCO stats (not with test_dev), images, failed_images, detections, size, seconds."""
+    cfg = dataclasses.replace(cfg or EvalConfig(), **settings)
     check_classes(model, dataset)
-    rank, world = _rank_world()
-    start, n = time.time(), len(dataset) if limit is None else min(limit, len(dataset))
-    post = dict(conf_thre=conf_thre, nms_thre=nms_thre, max_det=max_det, multi_label=multi_label)
+    on = dist.is_available() and dist.is_initialized()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if on else (0, 1)
+    start, n = time.time(), len(dataset) if cfg.limit is None else min(cfg.limit, len(dataset))
     was_training = model.training
-    model.eval()
-    part = _infer_shard(model, dataset, list(range(rank, n, world)), size, post, letterbox,
-                        darknet_input, batch_size, amp_dtype,
-                        _progress(n, world, verbose and rank == 0))
+    part = _infer_shard(model.eval(), dataset, list(range(rank, n, world)), cfg, n, world,
+                        verbose and rank == 0)
     model.train(was_training)
-    parts = [part]
+    parts = [part] if world == 1 else [None] * world
     if world > 1:
-        parts = [None] * world
         dist.all_gather_object(parts, part)
-    metrics = {}
+    metrics = [{}]
     if rank == 0:
         per_image = {i: r for p, _ in parts for i, r in p.items()}
         failures = [name for _, f in parts for name in f]
         results = [r for i in sorted(per_image) for r in per_image[i]]   # dataset order
         image_ids = [dataset.ids[i] for i in range(n)]                   # failed ones included
-        metrics = _report(dataset, results, image_ids, failures, test_dev, out, verbose, start)
+        metrics = [_report(dataset, results, image_ids, failures, cfg, verbose, start)]
     if world > 1:
-        box = [metrics]
-        dist.broadcast_object_list(box, src=0)
-        metrics = box[0]
-    return metrics
+        dist.broadcast_object_list(metrics, src=0)
+    return metrics[0]
 
 
-def _report(dataset, results, image_ids, failures, test_dev, out, verbose,
-            start) -> dict[str, float]:
-    """Rank 0: score (or write the test-dev file), print, and write `out`."""
+def _report(dataset, results, image_ids, failures, cfg: "EvalConfig", verbose: bool,
+            start: float) -> dict[str, float]:
+    """Rank 0: score (or write the test-dev file), print, and write cfg.out."""
     counts = {"images": float(len(image_ids)), "failed_images": float(len(failures)),
-              "detections": float(len(results)), "seconds": time.time() - start}
+              "detections": float(len(results)), "size": float(cfg.size),
+              "seconds": time.time() - start}
     if verbose:
-        named = ": " + ", ".join(failures[:5]) if failures else ""
-        print(f"evaluated {len(image_ids)} images, {len(results)} detections, "
-              f"{len(failures)} failed to decode{named}")
+        print(f"evaluated {len(image_ids)} images at {cfg.size} x {cfg.size}, {len(results)} "
+              f"detections, {len(failures)} failed to decode{': ' if failures else ''}"
+              + ", ".join(failures[:5]))
     check_results(results, dataset.coco)
-    if out:
-        Path(out).mkdir(parents=True, exist_ok=True)
-    if test_dev:   # the evaluation server's file name rule: detections_test-dev2017_<alg>_results
-        path = Path(out or ".") / "detections_test-dev2017_asff_results.json"
-        path.write_text(json.dumps(results))
-        print(f"wrote {path} for the COCO test-dev server (not scored here)")
+    out = Path(cfg.out or ".")
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.test_dev:   # the evaluation server's file name rule: detections_test-dev2017_<alg>_results
+        (out / "detections_test-dev2017_asff_results.json").write_text(json.dumps(results))
+        print(f"wrote {out}/detections_test-dev2017_asff_results.json for the COCO test-dev "
+              "server (not scored here)")
         return counts
     metrics = coco_score(dataset.coco, results, image_ids, verbose) | counts
-    if verbose:
-        print(format_paper_row(metrics))
-    if out:
-        (Path(out) / "results.json").write_text(json.dumps(results))
-        (Path(out) / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    if verbose:                                       # the paper's columns, in percent
+        print("".join(f"{k:>7}" for k in PAPER_COLUMNS) + "\n"
+              + "".join(f"{100 * metrics[k]:>7.1f}" for k in PAPER_COLUMNS))
+    if cfg.out:
+        (out / "results.json").write_text(json.dumps(results))
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     return metrics
 
 
 # ---------------------------------------------------------------------------------------------
-# Weights: our checkpoints, the authors' released ones, darknet's yolov3.weights
+# Figure 3: detections beside the fusion weight maps and the fused feature of each level
 # ---------------------------------------------------------------------------------------------
-CONFIG_KEYS = ("num_classes", "fusion", "guided", "spp", "rfb", "dropblock", "width", "depth",
-               "anchors")
+# Heat map colours: five stops of matplotlib's "inferno", linear in between (0 is black).
+HEAT_STOPS = ((0.0, (0, 0, 0)), (0.25, (87, 16, 110)), (0.5, (188, 55, 84)),
+              (0.75, (249, 142, 9)), (1.0, (252, 255, 164)))
+TILE, GAP, TITLE = 160, 4, 16   # heat-map tile side, gap between panels, title strip height (px)
+BAR = 28                        # colour-bar strip under the maps: the [0, 1] scale of Eq. 2
+MAP_COLUMNS = ("alpha (s32 src)", "beta (s16 src)", "gamma (s8 src)", "fused sum_C")
+PALETTE = ((230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
+           (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 190))
+# A class whose name starts with a colour word is boxed in that colour (the synthetic set's
+# "blue triangle" in blue); any other class takes PALETTE[class index].
+COLOR_WORDS = {"red": (230, 25, 75), "green": (60, 180, 75), "blue": (0, 130, 200),
+               "yellow": (255, 225, 25), "orange": (245, 130, 48), "purple": (145, 30, 180),
+               "cyan": (70, 240, 240), "magenta": (240, 50, 230), "pink": (250, 190, 190),
+               "white": (255, 255, 255), "black": (40, 40, 40), "grey": (128, 128, 128),
+               "gray": (128, 128, 128), "brown": (170, 110, 40)}
+
+
+def class_color(class_names, cls: int) -> tuple[int, int, int]:
+    """The box colour of class `cls`: its name's colour word, else PALETTE by index."""
+    words = str(class_names[cls] if 0 <= cls < len(class_names) else "").lower().split()
+    return COLOR_WORDS.get(words[0] if words else "", PALETTE[cls % len(PALETTE)])
+
+
+def heat_colors(values: np.ndarray) -> np.ndarray:
+    """(h, w) values in [0, 1] (clipped) -> (h, w, 3) uint8 RGB by HEAT_STOPS."""
+    v = np.clip(np.asarray(values, np.float64), 0, 1)
+    rgb = [np.interp(v, [s for s, _ in HEAT_STOPS], [c[k] for _, c in HEAT_STOPS]) for k in range(3)]
+    return np.round(np.stack(rgb, -1)).astype(np.uint8)
+
+
+def draw_boxes(image: Image.Image, det, class_names, conf: float = 0.0) -> Image.Image:
+    """A copy of `image` with each (K, 7) detection (its pixels) over `conf` boxed in its class's
+    colour and labelled "name score"; lines and text scale with the image."""
+    scale = max(image.size) / 640
+    try:                                                 # Pillow >= 10.1 sizes its own font
+        font = ImageFont.load_default(size=max(11, round(14 * scale)))
+    except TypeError:
+        font = ImageFont.load_default()
+    image = image.convert("RGB")
+    draw = ImageDraw.Draw(image)
+    det = torch.as_tensor(np.asarray(det, np.float64)).reshape(-1, 7)    # (K, 7)
+    det = det[(det[:, 4] >= conf) & torch.isfinite(det).all(1)]          # (K', 7)
+    det[:, [0, 2]] = det[:, [0, 2]].clamp(-1, image.width)     # Pillow fails on huge coordinates
+    det[:, [1, 3]] = det[:, [1, 3]].clamp(-1, image.height)
+    for x1, y1, x2, y2, score, cls, _ in det.tolist():
+        color, cls = class_color(class_names, int(cls)), int(cls)
+        draw.rectangle((x1, y1, x2, y2), outline=color, width=max(2, round(3 * scale)))
+        label = f"{class_names[cls] if cls < len(class_names) else cls} {score:.2f}"
+        box = draw.textbbox((x1, y1), label, font=font)
+        ty = y1 - (box[3] - box[1]) - 4 if y1 - (box[3] - box[1]) - 4 >= 0 else y1
+        box = draw.textbbox((x1 + 2, ty + 2), label, font=font)
+        draw.rectangle((box[0] - 2, box[1] - 2, box[2] + 2, box[3] + 2), fill=color)
+        draw.text((x1 + 2, ty + 2), label, fill=(0, 0, 0), font=font)
+    return image
+
+
+def figure3_size(image_wh: tuple[int, int], tile: int = TILE) -> tuple[int, int]:
+    """(width, height) of draw_figure3's canvas for an image of (w, h) with fusion maps."""
+    panel_h = 3 * tile + 2 * GAP
+    return round(image_wh[0] * panel_h / image_wh[1]) + 4 * (GAP + tile), TITLE + panel_h + BAR
+
+
+def tile_origin(image_wh: tuple[int, int], row: int, col: int, tile: int = TILE):
+    """Top-left (x, y) of the heat-map tile of level row (0 = s32, 1 = s16, 2 = s8), column col
+    (0 alpha, 1 beta, 2 gamma, 3 fused)."""
+    det_w = figure3_size(image_wh, tile)[0] - 4 * (GAP + tile)
+    return det_w + GAP + col * (tile + GAP), TITLE + row * (tile + GAP)
+
+
+def draw_figure3(image, detections, maps, class_names, tile: int = TILE) -> Image.Image:
+    """Figure 3: the image (PIL or uint8 (H, W, 3)) with its (K, 7) detections, beside one row
+    per level (s32, s16, s8) of heat maps: alpha, beta, gamma (Eq. 2 weights of the s32, s16, s8
+    sources, scale [0, 1] with a colour bar) and the channel-summed fused y^l (min-max scaled).
+    maps: {stride: {"weights": (3, h, w), "fused": (h, w)}}, or None (no ASFF): boxes alone."""
+    image = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))
+    if not maps:
+        return draw_boxes(image, detections, class_names)
+    width, height = figure3_size(image.size, tile)
+    canvas = Image.new("RGB", (width, height), (255, 255, 255))
+    draw, font = ImageDraw.Draw(canvas), ImageFont.load_default()
+    det_w, det_h = width - 4 * (GAP + tile), height - TITLE - BAR
+    det = torch.as_tensor(np.asarray(detections, np.float64)).reshape(-1, 7).clone()  # (K, 7)
+    det[:, [0, 2]] *= det_w / image.width                 # boxes drawn after the resize: crisp
+    det[:, [1, 3]] *= det_h / image.height
+    canvas.paste(draw_boxes(image.resize((det_w, det_h), Image.BILINEAR), det, class_names), (0, TITLE))
+    draw.text((2, 2), "detections", fill=(0, 0, 0), font=font)
+    for col, title in enumerate(MAP_COLUMNS):
+        draw.text((tile_origin(image.size, 0, col, tile)[0] + 2, 2), title, fill=(0, 0, 0), font=font)
+    for row, stride in enumerate((32, 16, 8)):
+        weights = torch.as_tensor(maps[stride]["weights"]).float().cpu()
+        fused = torch.as_tensor(maps[stride]["fused"]).float().cpu()
+        weights, fused = weights.reshape(-1, *weights.shape[-2:]), fused.reshape(fused.shape[-2:])
+        fused = (fused - fused.min()) / (fused.max() - fused.min()).clamp(min=1e-12)  # (h, w)
+        for col, values in enumerate([*weights[:3], fused]):
+            heat = Image.fromarray(heat_colors(values.numpy())).resize((tile, tile), Image.NEAREST)
+            canvas.paste(heat, tile_origin(image.size, row, col, tile))
+        x, y = tile_origin(image.size, row, 0, tile)
+        draw.text((x + 2, y + 2), f"s{stride}", fill=(255, 255, 255), font=font, stroke_width=1,
+                  stroke_fill=(0, 0, 0))
+    draw_color_bar(canvas, tile_origin(image.size, 0, 0, tile)[0], height - BAR, 3 * tile + 2 * GAP)
+    return canvas
+
+
+def draw_color_bar(canvas: Image.Image, x: int, y: int, width: int) -> None:
+    """The alpha/beta/gamma scale under the weight maps: 0 (black) to 1, labelled, in a
+    BAR-high strip at (x, y); the fused column is min-max scaled per level instead."""
+    draw, font = ImageDraw.Draw(canvas), ImageFont.load_default()
+    canvas.paste(Image.fromarray(heat_colors(np.tile(np.linspace(0, 1, width), (8, 1)))), (x, y + 4))
+    for value in (0.0, 0.5, 1.0):
+        tx, label = x + round(value * (width - 1)), f"{value:g}"
+        draw.line((tx, y + 12, tx, y + 15), fill=(0, 0, 0))
+        draw.text((min(max(tx - 3 * len(label), x), x + width - 6 * len(label)), y + 15), label,
+                  fill=(0, 0, 0), font=font)
+    draw.text((x + width // 4 - 40, y + 15), "Eq. 2 weight", fill=(0, 0, 0), font=font)
+    draw.text((x + width + GAP + 2, y + 4), "fused: min-max per level", fill=(0, 0, 0), font=font)
+
+
+def show(model, image, out: str, size: int, class_names, name: str = "image",
+         cfg: "EvalConfig | None" = None, **settings) -> Path:
+    """Figure 3 of one image (a file path, or uint8 (H, W, 3) RGB) at size x size, boxes over
+    conf_thre (default DRAW_CONF); cfg and `settings` as in evaluate. Writes and returns
+    out/figure3_<name>.png (name: the file's stem for a path)."""
+    cfg = dataclasses.replace(cfg or EvalConfig(), size=size, **settings)
+    if isinstance(image, (str, Path)):
+        image, name = np.asarray(data.open_rgb(str(image))), Path(image).stem   # EXIF-upright
+    conf = DRAW_CONF if cfg.conf_thre is None else cfg.conf_thre
+    det, x = detect_image(model, image, cfg)                       # (K, 7), (1, 3, S, S)
+    maps = None
+    if model.fusion_mode == "asff":
+        with torch.no_grad():
+            maps = {s: {k: t[0] for k, t in m.items()} for s, m in model.fusion_maps(x).items()}
+    path = Path(out) / f"figure3_{name}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    draw_figure3(image, det[det[:, 4] >= conf], maps, class_names).save(path)
+    print(f"wrote {path}: {int((det[:, 4] >= conf).sum())} detections over {conf}")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Detection on your own images (--detect), and export (--export)
+# ---------------------------------------------------------------------------------------------
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+def image_files(paths: list[str]) -> list[Path]:
+    """The files given and the image files inside the folders given (recursively, sorted)."""
+    files = []
+    for path in map(Path, paths):
+        if not path.exists():
+            raise data.UserError(f"{path}: no such file or folder")
+        files += sorted(f for f in path.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES) \
+            if path.is_dir() else [path]
+    if not files:
+        raise data.UserError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) in {', '.join(paths)}")
+    return files
+
+
+def detect_image(model, image: np.ndarray, cfg: "EvalConfig") -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 (H, W, 3) RGB -> ((K, 7) detections in its pixels, every box over CONF_THRE; the
+    (1, 3, S, S) input): the evaluation's preprocessing, decode and NMS, in eval mode."""
+    x = preprocess(image, cfg.size, cfg.letterbox, cfg.darknet_input)[None]      # (1, 3, S, S)
+    x = x.to(next(model.parameters()).device)
+    with torch.no_grad():
+        det = postprocess(model.eval()(x), CONF_THRE, cfg.nms_thre, cfg.max_det, cfg.multi_label)[0]
+    return to_original(det.cpu(), (cfg.size, cfg.size), image.shape[:2], cfg.letterbox), x
+
+
+def detect(model, paths: list[str], class_names, cat_ids, cfg: "EvalConfig") -> dict:
+    """Detect on image files and folders, into cfg.out (default detections/): <name>.png per image
+    with its boxes over cfg.conf_thre (default DRAW_CONF), and detections.json, every box over
+    CONF_THRE as COCO results (image_id: the file's place in the list) with file_name and
+    category. Unreadable files are named, skipped and counted. -> {"images", "skipped", "boxes"}"""
+    files, out = image_files(paths), Path(cfg.out or "detections")
+    out.mkdir(parents=True, exist_ok=True)
+    conf = DRAW_CONF if cfg.conf_thre is None else cfg.conf_thre
+    rows, skipped, drawn, names, start = [], [], 0, set(), time.time()
+    for k, file in enumerate(files):
+        try:
+            image = data.open_rgb(str(file))                                # EXIF-upright RGB
+        except data.DataError as e:
+            skipped.append(str(e))
+            print(f"[{k + 1}/{len(files)}] skipped: {e}", flush=True)
+            continue
+        det = detect_image(model, np.asarray(image), cfg)[0]                # (K, 7)
+        name = file.stem if file.stem not in names else f"{file.stem}-{k}"
+        names.add(name)
+        draw_boxes(image, det, class_names, conf).save(out / f"{name}.png")
+        rows += [r | {"file_name": str(file), "category": str(class_names[int(c)])}
+                 for r, c in zip(to_coco_results([det], [k], cat_ids), det[:, 5].tolist())]
+        drawn += int((det[:, 4] >= conf).sum())
+        left = (time.time() - start) / (k + 1) * (len(files) - k - 1)
+        print(f"[{k + 1}/{len(files)}] {file}: {int((det[:, 4] >= conf).sum())} boxes over {conf} "
+              f"-> {out / name}.png (ETA {left:.0f} s)", flush=True)
+    (out / "detections.json").write_text(json.dumps(rows, indent=1))
+    print(f"detected on {len(files) - len(skipped)} image(s), {drawn} boxes over {conf}; "
+          f"{len(skipped)} unreadable file(s) skipped; wrote {out}/detections.json "
+          f"({len(rows)} boxes over {CONF_THRE})")
+    return {"images": len(files) - len(skipped), "skipped": skipped, "boxes": len(rows)}
+
+
+def export(model, path: str, size: int) -> Path:
+    """torch.export of the eval-mode model for (B, 3, size, size) normalised inputs, any batch B
+    -> (B, N, 5 + C) decoded rows, as model(x); run it with torch.export.load(path).module()."""
+    example = torch.zeros(2, 3, size, size, device=next(model.parameters()).device)
+    with torch.no_grad():
+        program = torch.export.export(model.eval(), (example,),
+                                      dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=1024)},))
+        rows = model(example[:1]).shape[1]
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    torch.export.save(program, path)
+    print(f"wrote {path}: (B, 3, {size}, {size}) -> (B, {rows}, {5 + model.num_classes}) decoded "
+          "[cx, cy, w, h, obj, cls...] in input pixels")
+    return Path(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Plumbing: the command line - flags generated from one dataclass, torchrun, what main runs
+# ---------------------------------------------------------------------------------------------
+def opt(default, help: str, **argparse_keywords):
+    """A config field: its --help text, and other add_argument keywords for dataclass_parser
+    (flags, choices, nargs, const, metavar)."""
+    return dataclasses.field(default=default, metadata={"help": help, **argparse_keywords})
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    # what to evaluate, on what
+    weights: str | None = opt(None, "our checkpoint, an authors' .pth, darknet's .weights; none: random")
+    ema: bool | None = opt(None, "our checkpoint's EMA (--no-ema: raw) weights; default: EMA if saved")
+    data: str | None = opt(None, "COCO root: val2017/ (test2017/), annotations/; none: synthetic set")
+    images: str | None = opt(None, "image folder of a custom COCO-format set (with --ann)")
+    ann: str | None = opt(None, "annotation JSON of that set (with --images)")
+    test_dev: bool = opt(False, "write the results file for the COCO server (not scored here)")
+    # inference (Sec. 3.4)
+    size: int = opt(608, "test size, a multiple of 32; default: the checkpoint's, else 608")
+    conf_thre: float | None = opt(None, f"score threshold; default: {CONF_THRE} to evaluate, "
+                                        f"{DRAW_CONF} to draw", flags=("--conf", "--draw-conf"))
+    nms_thre: float = opt(NMS_THRE, "per-class NMS IoU (paper 0.6; release 0.65)", flags=("--nms",))
+    max_det: int = opt(MAX_DET, "detections kept per image (COCO scores 100)")
+    multi_label: bool = opt(False, "every class over --conf is a detection, not only the argmax")
+    letterbox: bool = opt(False, "letterbox instead of the released plain resize")
+    darknet_input: bool = opt(False, "darknet's input: pixels / 255, letterbox (a .weights file's)")
+    # the run
+    batch_size: int = opt(8, "images per forward", flags=("--batch",))
+    limit: int | None = opt(None, "evaluate only the first N images", metavar="N")
+    device: str | None = opt(None, "cpu, cuda or cuda:K; default: cuda if there is a GPU")
+    half: bool = opt(False, "fp16 autocast (for a GPU)")
+    threads: int = opt(0, "torch CPU threads (0: torch's choice)")
+    out: str | None = opt(None, "folder for metrics, results, pictures (--detect: detections/)")
+    debug: bool = opt(False, "a user error shows its traceback too (as ASFF_DEBUG=1)")
+    # the model without --weights; with --weights, a flag given must agree with the file
+    fusion: str | None = opt("asff", "Table 3's fusion", choices=(None, "sum", "concat", "asff"))
+    rfb: bool = opt(False, "RFB in the heads (ASFF*, Table 4)")
+    num_classes: int = opt(80, "classes (also of darknet's .weights)")
+    width: float = opt(1.0, "channel multiplier (1: DarkNet-53)")
+    depth: float = opt(1.0, "residual-unit multiplier (1: DarkNet-53)")
+    # instead of evaluating
+    show: str | None = opt(None, "Figure 3 of IMAGE (default: the first evaluation image)", nargs="?",
+                           const="", metavar="IMAGE")
+    detect: list[str] | None = opt(None, "detect on images, folders: PNGs, detections.json", metavar="PATH")
+    export: str | None = opt(None, "write a torch.export program (.pt2) for --size inputs", metavar="FILE")
+
+
+MODEL_FLAGS = ("num_classes", "fusion", "rfb", "width", "depth")   # EvalConfig's Detector arguments
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """A usage mistake ends with one line on stderr and exit status 2, not the whole usage."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (-h lists the flags)\n")
+
+
+def none_or(kind):
+    """argparse type of an optional field: "none" -> None, else kind(text)."""
+    def convert(text: str):
+        return None if text.lower() == "none" else kind(text)
+    convert.__name__ = kind.__name__                   # argparse's "invalid float value: 'x'"
+    return convert
+
+
+def dataclass_parser(cls, description: str, epilog: str = "") -> argparse.ArgumentParser:
+    """argparse from a dataclass of opt() fields: --field-name (or metadata "flags"), its help with
+    "[default: ...]" unless it says "default" itself, bools as --x/--no-x, lists nargs="+",
+    "none" -> None for optional fields, other metadata to add_argument; no abbreviations.
+    Defaults are SUPPRESSed: vars(parse_args()) holds the flags given; cls(**given) the config."""
+    parser = OneLineParser(description=description, epilog=epilog, allow_abbrev=False,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(cls):
+        meta = dict(f.metadata)
+        flags, text = meta.pop("flags", ("--" + f.name.replace("_", "-"),)), meta.pop("help")
+        shown = "none" if f.default is None else f.default
+        text = text if "default" in text else f"{text} [default: {shown}]"
+        keywords = dict(dest=f.name, default=argparse.SUPPRESS, help=text.replace("%", "%%"))
+        kind = next(t for t in typing.get_args(f.type) or (f.type,) if t is not type(None))
+        if kind is bool:
+            parser.add_argument(*flags, action=argparse.BooleanOptionalAction, **keywords, **meta)
+            continue
+        if typing.get_origin(kind) is list:
+            kind, meta["nargs"] = typing.get_args(kind)[0], meta.get("nargs", "+")
+        optional = type(None) in typing.get_args(f.type) and "nargs" not in meta
+        if "choices" in meta:
+            meta.setdefault("metavar", "{" + ",".join(str(c).lower() for c in meta["choices"]) + "}")
+        parser.add_argument(*flags, type=none_or(kind) if optional else kind, **keywords, **meta)
+    return parser
+
+
+def init_distributed(device: str | None = None) -> tuple[int, int, torch.device]:
+    """torchrun's RANK / LOCAL_RANK / WORLD_SIZE (a plain run: rank 0 of 1) -> (rank, world,
+    device); with world > 1 it joins the process group, nccl on GPUs, gloo on CPU. device: "cpu",
+    "cuda", "cuda:K" or None (cuda if there is a GPU); under torchrun a GPU is cuda:LOCAL_RANK."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    name = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        chosen = torch.device(name)
+    except RuntimeError as e:
+        raise data.UserError(f"--device {name}: not a torch device (cpu, cuda, cuda:K)") from e
+    if chosen.type == "cuda":
+        if not torch.cuda.is_available():
+            raise data.UserError(f"--device {name}: torch sees no GPU here; use --device cpu")
+        if world > 1 or chosen.index is None:
+            chosen = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(chosen)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if chosen.type == "cuda" else "gloo")
+    return rank, world, chosen
+
+
+def check_settings(cfg: EvalConfig, size_from: str = "--size") -> None:
+    """Values that would fail deep inside with a traceback, refused in one line (a size the
+    strides do not divide ends in "Sizes of tensors must match" at the fusion)."""
+    if cfg.size < 32 or cfg.size % 32:
+        low = max(32, cfg.size // 32 * 32)
+        raise data.UserError(f"{size_from} {cfg.size}: the test size must be a multiple of 32 (the "
+                             f"coarsest stride), e.g. {low} or {low + 32}")
+    for flag, value, ok in (("--batch", cfg.batch_size, cfg.batch_size >= 1),
+                            ("--max-det", cfg.max_det, cfg.max_det >= 1),
+                            ("--limit", cfg.limit, cfg.limit is None or cfg.limit >= 1),
+                            ("--threads", cfg.threads, cfg.threads >= 0),
+                            ("--nms", cfg.nms_thre, 0 <= cfg.nms_thre <= 1),
+                            ("--conf", cfg.conf_thre, cfg.conf_thre is None or 0 <= cfg.conf_thre <= 1)):
+        if not ok:
+            raise data.UserError(f"{flag} {value}: out of range (--batch, --max-det, --limit: 1 or "
+                                 "more; --threads: 0 or more; --nms, --conf: in [0, 1])")
+    if cfg.data and not Path(cfg.data).is_dir():
+        raise data.UserError(f"--data {cfg.data}: no such folder (a COCO root holds val2017/ and "
+                             "annotations/); a custom set is --images FOLDER --ann FILE.json")
+
+
+def open_dataset(cfg: EvalConfig) -> data.CocoDetection:
+    """COCO val2017 / test-dev2017 under --data, a custom set (--images, --ann), or the built-in
+    synthetic validation set (what train.py's demo uses, cached)."""
+    unlabelled = dict(require_annotations=not cfg.test_dev)   # test-dev has no annotations
+    if cfg.images:
+        return data.CocoDetection(cfg.images, cfg.ann, **unlabelled)
+    if cfg.data:
+        split, ann = (("test2017", "image_info_test-dev2017.json") if cfg.test_dev
+                      else ("val2017", "instances_val2017.json"))
+        return data.CocoDetection(os.path.join(cfg.data, split),
+                                  os.path.join(cfg.data, "annotations", ann), **unlabelled)
+    paths = data.make_synthetic()
+    return data.CocoDetection(paths["val_images"], paths["val_json"])
+
+
+def class_names(saved: dict, num_classes: int, dataset=None) -> tuple[list[str], list[int]]:
+    """(names, category ids) of the model's classes: the checkpoint's, the data set's, COCO's
+    for 80 classes, else "class k" and k."""
+    for names, ids in ((saved.get("class_names"), saved.get("cat_ids")),
+                       (getattr(dataset, "class_names", None), getattr(dataset, "cat_ids", None))):
+        if names and len(names) == num_classes:
+            return list(names), list(ids if ids and len(ids) == num_classes else range(num_classes))
+    if num_classes == len(COCO_NAMES):
+        return list(COCO_NAMES), list(COCO_CAT_IDS)
+    return [f"class {k}" for k in range(num_classes)], list(range(num_classes))
+
+
+def _demo() -> None:
+    """No arguments: a toy run of postprocess on four boxes (two overlap in class 0)."""
+    decoded = torch.tensor([[[50., 50, 40, 40, 0.9, 0.9, 0.1],     # class 0, score 0.81
+                             [54., 50, 40, 40, 0.8, 0.9, 0.1],     # class 0, IoU 0.82: dropped
+                             [54., 50, 40, 40, 0.8, 0.1, 0.9],     # class 1: kept (other class)
+                             [200., 90, 30, 60, 0.004, 0.9, 0.1]]])  # score < 0.005: dropped
+    print("\ntoy example: decoded rows [cx, cy, w, h, obj, cls0, cls1] ->\npostprocess (conf "
+          f"0.005, NMS 0.6): [x1, y1, x2, y2, score, class, obj]\n{postprocess(decoded)[0]}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    examples = __doc__[__doc__.index("Command line"):__doc__.index("Departures")]
+    parser = dataclass_parser(EvalConfig, __doc__.split("\n")[0], examples)
+    if not argv:
+        return parser.print_help() or _demo()
+    given = vars(parser.parse_args(argv))
+    cfg = EvalConfig(**given)
+    if bool(cfg.images) != bool(cfg.ann) or (cfg.images and cfg.data):
+        parser.error("--images and --ann go together: a custom set is an image folder and its "
+                     "COCO-format annotation JSON (instead of --data)")
+    check_settings(cfg)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    _, _, device = init_distributed(cfg.device)
+    flags = {k: getattr(cfg, k) for k in MODEL_FLAGS if k in given or not cfg.weights}
+    model, saved = load_detector(cfg.weights, cfg.ema, **flags)
+    model = model.to(device).eval()
+    if "size" not in given and saved.get("eval_size"):             # the size it was trained for
+        cfg = dataclasses.replace(cfg, size=int(saved["eval_size"]))
+        check_settings(cfg, f"{cfg.weights}: eval_size")
+    darknet = cfg.darknet_input or str(cfg.weights).endswith(".weights")  # darknet's model, input
+    cfg = dataclasses.replace(cfg, darknet_input=darknet, letterbox=cfg.letterbox or darknet)
+    if cfg.export:
+        return export(model, cfg.export, cfg.size)
+    if cfg.detect:
+        return detect(model, cfg.detect, *class_names(saved, model.num_classes), cfg)
+    if cfg.show is not None:                   # IMAGE, or the first image of the evaluation set
+        dataset = open_dataset(cfg) if not cfg.show or cfg.data or cfg.ann else None
+        image, image_id = (cfg.show, None) if cfg.show else dataset.load_image(0)
+        name = "image" if image_id is None else Path(dataset.coco.imgs[image_id]["file_name"]).stem
+        names = class_names(saved, model.num_classes, dataset)[0]
+        return show(model, image, cfg.out or ".", cfg.size, names, name, cfg)
+    dataset = open_dataset(cfg)
+    check_classes(model, dataset, cfg.weights or f"random weights (--num-classes {cfg.num_classes})")
+    evaluate(model, dataset, cfg)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------------
+# Plumbing: weights - our checkpoints, the authors' released ones, darknet's yolov3.weights
+# ---------------------------------------------------------------------------------------------
+DETECTOR_DEFAULTS = {k: p.default for k, p in inspect.signature(Detector).parameters.items()}
+SAVED_SETTINGS = ("eval_size", "class_names", "cat_ids")           # what else our checkpoints hold
 
 
 def read_checkpoint(path: str) -> dict:
     """torch.load(path, weights_only=True) of a checkpoint or state dict; anything else is a
     UserError naming the file and what it is not (missing, empty, not a torch file, code)."""
-    from data import UserError
-    file = Path(path)
-    if not file.is_file():
-        raise UserError(f"{path}: no such file")
-    if file.stat().st_size == 0:
-        raise UserError(f"{path}: empty file, not a checkpoint")
+    if not Path(path).is_file() or Path(path).stat().st_size == 0:
+        raise data.UserError(f"{path}: {'empty file' if Path(path).is_file() else 'no such file'}, "
+                             "not a checkpoint")
     try:
-        state = torch.load(file, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - zip, pickle, EOF and weights-only refusals alike
-        detail = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
-        raise UserError(f"{path}: not a checkpoint that torch.load(weights_only=True) can read "
-                        f"({type(e).__name__}: {detail})") from e
+        detail = (str(e).strip().splitlines() or [""])[0][:160]
+        raise data.UserError(f"{path}: not a checkpoint that torch.load(weights_only=True) can "
+                             f"read ({type(e).__name__}: {detail})") from e
     if not isinstance(state, dict) or not state:
-        raise UserError(f"{path}: holds a {type(state).__name__}, not a checkpoint or state dict")
+        raise data.UserError(f"{path}: holds a {type(state).__name__}, not a checkpoint or state dict")
     return state
 
 
@@ -450,16 +801,15 @@ def is_training_checkpoint(state: dict) -> bool:
 
 
 def load_foreign(load, path: str, *args):
-    """Call a foreign-weights loader (head.load_released, darknet.read_darknet_weights); its
-    key, shape and length errors become UserErrors naming the file."""
-    from data import UserError
+    """Call a weights loader (head.load_released, darknet.read_darknet_weights, load_checked); its
+    key, shape and length errors become DataErrors (UserErrors) naming the file."""
     if not Path(path).is_file():
-        raise UserError(f"{path}: no such file")
+        raise data.UserError(f"{path}: no such file")
     try:
         return load(*args)
     except (KeyError, ValueError, OSError) as e:
         message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-        raise UserError(message if str(path) in message else f"{path}: {message}") from e
+        raise data.DataError(message if str(path) in message else f"{path}: {message}") from e
 
 
 def released_config(state: dict) -> dict:
@@ -489,476 +839,58 @@ def load_checked(model: torch.nn.Module, state: dict, source: str) -> None:
 
 
 def checkpoint_config(ckpt: dict) -> dict:
-    """Detector arguments of our checkpoint: its config's CONFIG_KEYS; num_classes, which
-    train.py takes from the data set rather than the config, is read off the s32 head."""
-    config = {k: ckpt["config"][k] for k in CONFIG_KEYS if k in ckpt["config"]}
-    if config.get("fusion") == "none":
-        config["fusion"] = None
-    if config.get("anchors") == "auto":
-        config["anchors"] = None
+    """Detector arguments of our checkpoint: its model_args (train.py saves them), or in an older
+    one its config's Detector arguments, num_classes (taken from the data set) read off the s32 head."""
+    config = dict(ckpt.get("model_args") or
+                  {k: ckpt["config"][k] for k in DETECTOR_DEFAULTS if k in ckpt["config"]})
+    config["fusion"] = None if config.get("fusion") == "none" else config.get("fusion")
+    config["anchors"] = None if config.get("anchors") == "auto" else config.get("anchors")
     if "num_classes" not in config:
         slots = 4 if config.get("guided", True) else 3           # 5 + C outputs per slot
         config["num_classes"] = ckpt["model"]["heads.s32.pred.weight"].shape[0] // slots - 5
     return config
 
 
-def load_model(weights: str | None = None, ema: bool | None = None, **config):
-    """A Detector with weights from `weights`:
-    - our checkpoint {"model": state dict, "config": {...}, "ema": state dict or None}
-      (train.py): built from checkpoint_config (`config` arguments are ignored); the EMA weights
-      when there are any (train.py evaluates those) unless ema=False; ema=True requires them;
-    - an authors' checkpoint (a bare state dict): the variant read off its keys, head.load_released;
-    - darknet's yolov3.weights: the original YOLOv3 layout (fusion=None, guided=False, spp=False);
-    - None: random initialisation from `config` (for speed runs and smoke tests).
-    """
-    from head import Detector, load_released
+def load_detector(weights: str | None = None, ema: bool | None = None,
+                  **model_flags) -> tuple[Detector, dict]:
+    """(Detector, the SAVED_SETTINGS its file holds) from our checkpoint (its EMA weights if saved,
+    unless ema=False; ema=True requires them), an authors' state dict, darknet's .weights, or None
+    (random, from `model_flags`); with a file, `model_flags` must agree with its architecture."""
     if weights is None:
-        return Detector(**config)
-    if str(weights).endswith(".weights"):
-        from darknet import read_darknet_weights
-        model = Detector(config.get("num_classes", 80), fusion=None, guided=False, spp=False)
+        return Detector(**model_flags), {}
+    darknet = str(weights).endswith(".weights")
+    state = {} if darknet else read_checkpoint(weights)
+    ours = "model" in state and "config" in state
+    args = (dict(num_classes=model_flags.get("num_classes", 80), fusion=None, guided=False, spp=False)
+            if darknet else checkpoint_config(state) if ours
+            else load_foreign(released_config, weights, state))
+    for key, value in model_flags.items():
+        theirs = args.get(key, DETECTOR_DEFAULTS[key])
+        if value != theirs:
+            value, theirs = ("none" if v is None else v for v in (value, theirs))
+            raise data.UserError(f"--{key.replace('_', '-')} {value} contradicts {weights}, a model "
+                                 f"with {key} {theirs}: leave the flag out")
+    model = Detector(**args)
+    if darknet:
         load_foreign(read_darknet_weights, weights, str(weights), model.darknet_layers())
-        return model
-    state = read_checkpoint(weights)
-    if "config" in state and "model" in state:
-        has_ema = state.get("ema") is not None
-        if ema and not has_ema:
-            raise ValueError(f"{weights}: the checkpoint holds no EMA weights (trained with ema 0)")
-        model = Detector(**checkpoint_config(state))
-        load_checked(model, state["ema" if has_ema and ema is not False else "model"], str(weights))
-        return model
-    model = Detector(**load_foreign(released_config, weights, state))
-    return load_foreign(load_released, weights, model, state, str(weights))
+        return model, {}
+    if not ours:
+        return load_foreign(load_released, weights, model, state, str(weights)), {}
+    if ema and state.get("ema") is None:
+        raise data.UserError(f"{weights}: the checkpoint holds no EMA weights (trained with ema 0)")
+    use_ema = state.get("ema") is not None and ema is not False
+    load_foreign(load_checked, weights, model, state["ema" if use_ema else "model"], str(weights))
+    saved = {k: state[k] for k in SAVED_SETTINGS if state.get(k) is not None}
+    eval_size = saved.get("eval_size", state["config"].get("eval_size"))
+    return model, saved | ({"eval_size": eval_size} if eval_size else {})
 
 
-# ---------------------------------------------------------------------------------------------
-# Figure 3: detections beside the fusion weight maps and the fused feature of each level
-# ---------------------------------------------------------------------------------------------
-# Heat map colours: five stops of matplotlib's "inferno", linear in between, so 0 is black,
-# 0.25 (87, 16, 110), 0.5 (188, 55, 84), 0.75 (249, 142, 9), 1 (252, 255, 164).
-HEAT_STOPS = ((0.0, (0, 0, 0)), (0.25, (87, 16, 110)), (0.5, (188, 55, 84)),
-              (0.75, (249, 142, 9)), (1.0, (252, 255, 164)))
-TILE, GAP, TITLE = 160, 4, 16   # heat-map tile side, gap between panels, title strip height (px)
-BAR = 28                        # colour-bar strip under the maps: the [0, 1] scale of Eq. 2
-MAP_COLUMNS = ("alpha (s32 src)", "beta (s16 src)", "gamma (s8 src)", "fused sum_C")
-PALETTE = ((230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
-           (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 190))
-# A class whose name starts with a colour word is boxed in that colour (the synthetic set's
-# "blue triangle" in blue); any other class takes PALETTE[class index].
-COLOR_WORDS = {"red": (230, 25, 75), "green": (60, 180, 75), "blue": (0, 130, 200),
-               "yellow": (255, 225, 25), "orange": (245, 130, 48), "purple": (145, 30, 180),
-               "cyan": (70, 240, 240), "magenta": (240, 50, 230), "pink": (250, 190, 190),
-               "white": (255, 255, 255), "black": (40, 40, 40), "grey": (128, 128, 128),
-               "gray": (128, 128, 128), "brown": (170, 110, 40)}
-
-
-def class_color(class_names, cls: int) -> tuple[int, int, int]:
-    """The box colour of class `cls`: its name's colour word, else PALETTE by index."""
-    name = class_names[cls] if 0 <= cls < len(class_names) else ""
-    words = str(name).lower().split()
-    return COLOR_WORDS.get(words[0] if words else "", PALETTE[cls % len(PALETTE)])
-
-
-def heat_colors(values: np.ndarray) -> np.ndarray:
-    """(h, w) values in [0, 1] (clipped) -> (h, w, 3) uint8 RGB by HEAT_STOPS."""
-    v = np.clip(np.asarray(values, np.float64), 0, 1)
-    xs = [s for s, _ in HEAT_STOPS]
-    rgb = [np.interp(v, xs, [c[k] for _, c in HEAT_STOPS]) for k in range(3)]
-    return np.round(np.stack(rgb, -1)).astype(np.uint8)
-
-
-def draw_detections(image: Image.Image, detections, class_names) -> Image.Image:
-    """A copy of `image` with each (K, 7) detection (image pixels) boxed and labelled."""
-    image = image.convert("RGB")
-    draw, font = ImageDraw.Draw(image), ImageFont.load_default()
-    det = np.asarray(detections, np.float64).reshape(-1, 7)
-    det = det[np.isfinite(det).all(1)]
-    det[:, [0, 2]] = det[:, [0, 2]].clip(-1, image.width)      # Pillow fails on huge coordinates
-    det[:, [1, 3]] = det[:, [1, 3]].clip(-1, image.height)
-    for x1, y1, x2, y2, score, cls, _ in det:
-        color = class_color(class_names, int(cls))
-        draw.rectangle((x1, y1, x2, y2), outline=color, width=2)
-        name = class_names[int(cls)] if int(cls) < len(class_names) else str(int(cls))
-        label = f"{name} {score:.2f}"
-        tx, ty = x1, max(y1 - 12, 0)
-        draw.rectangle(draw.textbbox((tx, ty), label, font=font), fill=color)
-        draw.text((tx, ty), label, fill=(0, 0, 0), font=font)
-    return image
-
-
-def figure3_size(image_wh: tuple[int, int], tile: int = TILE) -> tuple[int, int]:
-    """(width, height) of draw_figure3's canvas for an image of (w, h) with fusion maps."""
-    panel_h = 3 * tile + 2 * GAP
-    det_w = round(image_wh[0] * panel_h / image_wh[1])
-    return det_w + 4 * (GAP + tile), TITLE + panel_h + BAR
-
-
-def tile_origin(image_wh: tuple[int, int], row: int, col: int, tile: int = TILE):
-    """Top-left (x, y) of the heat-map tile of level row (0 = s32, 1 = s16, 2 = s8), column col
-    (0 alpha, 1 beta, 2 gamma, 3 fused)."""
-    det_w = figure3_size(image_wh, tile)[0] - 4 * (GAP + tile)
-    return det_w + GAP + col * (tile + GAP), TITLE + row * (tile + GAP)
-
-
-def draw_figure3(image, detections, maps, class_names, tile: int = TILE) -> Image.Image:
-    """Figure 3 as one picture.
-
-    Layout (see figure3_size / tile_origin): a title strip of TITLE px on top; below it, on the
-    left, the image with its detections scaled to the height of the three tile rows; to the
-    right a grid of tile x tile heat maps, one row per output level (s32, s16, s8, top to
-    bottom), columns alpha, beta, gamma (Eq. 2 weights of the s32, s16 and s8 sources, drawn on
-    the fixed scale [0, 1]) and the channel-summed fused feature y^l (min-max scaled per level).
-    Each map is enlarged with nearest-neighbour sampling, so each cell is a flat colour.
-
-    image: PIL image or uint8 (H, W, 3) RGB; detections: (K, 7) in its pixels (postprocess +
-    to_original); maps: {stride: {"weights": (3, h, w), "fused": (h, w)}} for this image (a
-    leading batch dim of 1 is dropped), or None for a model without ASFF: then the picture is
-    the image with its detections alone.
-    """
-    image = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))
-    if not maps:
-        return draw_detections(image, detections, class_names)
-    width, height = figure3_size(image.size, tile)
-    canvas = Image.new("RGB", (width, height), (255, 255, 255))
-    draw, font = ImageDraw.Draw(canvas), ImageFont.load_default()
-    det_w, det_h = width - 4 * (GAP + tile), height - TITLE - BAR
-    det = torch.as_tensor(np.asarray(detections, np.float64)).reshape(-1, 7).clone()  # (K, 7)
-    det[:, [0, 2]] *= det_w / image.width                 # boxes drawn after the resize: crisp
-    det[:, [1, 3]] *= det_h / image.height
-    shown = draw_detections(image.resize((det_w, det_h), Image.BILINEAR), det, class_names)
-    canvas.paste(shown, (0, TITLE))
-    draw.text((2, 2), "detections", fill=(0, 0, 0), font=font)
-    for col, title in enumerate(MAP_COLUMNS):
-        draw.text((tile_origin(image.size, 0, col, tile)[0] + 2, 2), title, fill=(0, 0, 0),
-                  font=font)
-    for row, stride in enumerate((32, 16, 8)):
-        weights = torch.as_tensor(maps[stride]["weights"]).float().cpu()
-        fused = torch.as_tensor(maps[stride]["fused"]).float().cpu()
-        weights, fused = weights.reshape(-1, *weights.shape[-2:]), fused.reshape(fused.shape[-2:])
-        fused = (fused - fused.min()) / (fused.max() - fused.min()).clamp(min=1e-12)  # (h, w)
-        for col, values in enumerate([*weights[:3], fused]):
-            heat = Image.fromarray(heat_colors(values.numpy())).resize((tile, tile), Image.NEAREST)
-            canvas.paste(heat, tile_origin(image.size, row, col, tile))
-        x, y = tile_origin(image.size, row, 0, tile)
-        draw.text((x + 2, y + 2), f"s{stride}", fill=(255, 255, 255), font=font, stroke_width=1,
-                  stroke_fill=(0, 0, 0))
-    draw_color_bar(canvas, tile_origin(image.size, 0, 0, tile)[0], height - BAR, 3 * tile + 2 * GAP)
-    return canvas
-
-
-def draw_color_bar(canvas: Image.Image, x: int, y: int, width: int) -> None:
-    """The alpha/beta/gamma scale under the weight maps: 0 (black) to 1, labelled, in a
-    BAR-high strip at (x, y); the fused column is min-max scaled per level instead."""
-    draw, font = ImageDraw.Draw(canvas), ImageFont.load_default()
-    ramp = heat_colors(np.tile(np.linspace(0, 1, width), (8, 1)))            # (8, width, 3)
-    canvas.paste(Image.fromarray(ramp), (x, y + 4))
-    for value in (0.0, 0.5, 1.0):
-        tx = x + round(value * (width - 1))
-        draw.line((tx, y + 12, tx, y + 15), fill=(0, 0, 0))
-        label = f"{value:g}"
-        draw.text((min(max(tx - 3 * len(label), x), x + width - 6 * len(label)), y + 15), label,
-                  fill=(0, 0, 0), font=font)
-    draw.text((x + width // 4 - 40, y + 15), "Eq. 2 weight", fill=(0, 0, 0), font=font)
-    draw.text((x + width + GAP + 2, y + 4), "fused: min-max per level", fill=(0, 0, 0), font=font)
-
-
-def show(model, image, out: str, size: int, class_names, conf_thre: float = 0.3,
-         nms_thre: float = NMS_THRE, name: str = "image", letterbox: bool = False,
-         darknet_input: bool = False) -> Path:
-    """Detect on one image (a file path, or uint8 (H, W, 3) RGB) and write
-    out/figure3_<name>.png (name: the file's stem for a path); returns the PNG's path."""
-    if isinstance(image, (str, Path)):
-        from data import open_rgb  # EXIF-upright RGB, errors naming the file
-        image, name = np.asarray(open_rgb(str(image))), Path(image).stem
-    device = next(model.parameters()).device
-    x = preprocess(image, size, letterbox, darknet_input)[None].to(device)  # (1, 3, S, S)
-    model.eval()
-    with torch.no_grad():
-        det = postprocess(model(x), conf_thre, nms_thre)[0].cpu()           # (K, 7)
-    det = to_original(det, (size, size), image.shape[:2], letterbox)        # (K, 7)
-    maps = None
-    if model.fusion_mode == "asff":
-        maps = {s: {k: t[0] for k, t in m.items()} for s, m in model.fusion_maps(x).items()}
-    path = Path(out) / f"figure3_{name}.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    draw_figure3(image, det, maps, class_names).save(path)
-    print(f"wrote {path}: {len(det)} detections over {conf_thre}")
-    return path
-
-
-# ---------------------------------------------------------------------------------------------
-# Detection on your own images (--detect), and export (--export)
-# ---------------------------------------------------------------------------------------------
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-
-
-def image_files(paths: list[str]) -> list[Path]:
-    """The files given and the image files inside the folders given (recursively, sorted)."""
-    from data import UserError
-    files = []
-    for path in map(Path, paths):
-        if path.is_dir():
-            files += sorted(f for f in path.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
-        elif path.is_file():
-            files.append(path)
-        else:
-            raise UserError(f"{path}: no such file or folder")
-    if not files:
-        raise UserError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) in {', '.join(paths)}")
-    return files
-
-
-def detect_image(model, image: np.ndarray, size: int, nms_thre: float = NMS_THRE,
-                 letterbox: bool = False, darknet: bool = False) -> torch.Tensor:
-    """uint8 (H, W, 3) RGB -> (K, 7) [x1, y1, x2, y2, score, class, obj] in its pixels: the
-    evaluation's preprocessing, decode and per-class NMS, every box over CONF_THRE."""
-    device = next(model.parameters()).device
-    x = preprocess(image, size, letterbox, darknet)[None].to(device)       # (1, 3, S, S)
-    with torch.inference_mode():
-        det = postprocess(model(x), CONF_THRE, nms_thre)[0].cpu()          # (K, 7)
-    return to_original(det, (size, size), image.shape[:2], letterbox)      # (K, 7)
-
-
-def draw_boxes(image: Image.Image, det: torch.Tensor, class_names, conf: float) -> Image.Image:
-    """Boxes over `conf` with class name and score, line and text scaled to the image size."""
-    scale = max(image.size) / 640
-    try:                                                 # Pillow >= 10.1 sizes its own font
-        font = ImageFont.load_default(size=max(11, round(14 * scale)))
-    except TypeError:
-        font = ImageFont.load_default()
-    image = image.convert("RGB")
-    draw = ImageDraw.Draw(image)
-    det = det[(det[:, 4] >= conf) & torch.isfinite(det).all(1)].clone()   # (K', 7)
-    det[:, [0, 2]] = det[:, [0, 2]].clamp(-1, image.width)     # Pillow fails on huge coordinates
-    det[:, [1, 3]] = det[:, [1, 3]].clamp(-1, image.height)
-    for x1, y1, x2, y2, score, cls, _ in det.tolist():
-        color, cls = class_color(class_names, int(cls)), int(cls)
-        draw.rectangle((x1, y1, x2, y2), outline=color, width=max(2, round(3 * scale)))
-        label = f"{class_names[cls] if cls < len(class_names) else cls} {score:.2f}"
-        box = draw.textbbox((x1, y1), label, font=font)
-        ty = y1 - (box[3] - box[1]) - 4 if y1 - (box[3] - box[1]) - 4 >= 0 else y1
-        box = draw.textbbox((x1 + 2, ty + 2), label, font=font)
-        draw.rectangle((box[0] - 2, box[1] - 2, box[2] + 2, box[3] + 2), fill=color)
-        draw.text((x1 + 2, ty + 2), label, fill=(0, 0, 0), font=font)
-    return image
-
-
-def detection_rows(det: torch.Tensor, file: Path, class_names, cat_ids) -> list[dict]:
-    """COCO results rows ([x, y, w, h] in image pixels) with the file name and class name."""
-    rows = []
-    for x1, y1, x2, y2, score, cls, _ in det.tolist():
-        rows.append({"file_name": str(file), "category_id": int(cat_ids[int(cls)]),
-                     "category": str(class_names[int(cls)]), "score": round(score, 5),
-                     "bbox": [round(v, 2) for v in (x1, y1, x2 - x1, y2 - y1)]})
-    return rows
-
-
-def detect(model, paths: list[str], out: str, size: int, class_names, cat_ids=None,
-           conf: float = 0.3, nms_thre: float = NMS_THRE, letterbox: bool = False,
-           darknet: bool = False) -> dict:
-    """Detect on image files and folders: out/<name>.png per image (boxes over `conf`) and
-    out/detections.json (every box over CONF_THRE, COCO results format plus file names).
-    Unreadable files are named, skipped and counted. Returns {"images", "skipped", "boxes"}."""
-    from data import DataError, open_rgb
-    files, out = image_files(paths), Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    cat_ids = cat_ids or list(range(len(class_names)))
-    rows, skipped, drawn, names, start = [], [], 0, set(), time.time()
-    for k, file in enumerate(files):
-        try:
-            image = open_rgb(str(file))                                     # EXIF-upright RGB
-        except DataError as e:
-            skipped.append(str(e))
-            print(f"[{k + 1}/{len(files)}] skipped: {e}", flush=True)
-            continue
-        det = detect_image(model, np.asarray(image), size, nms_thre, letterbox, darknet)
-        name = file.stem if file.stem not in names else f"{file.stem}-{k}"
-        names.add(name)
-        draw_boxes(image, det, class_names, conf).save(out / f"{name}.png")
-        rows += detection_rows(det, file, class_names, cat_ids)
-        drawn += int((det[:, 4] >= conf).sum())
-        left = (time.time() - start) / (k + 1) * (len(files) - k - 1)
-        print(f"[{k + 1}/{len(files)}] {file}: {int((det[:, 4] >= conf).sum())} boxes over {conf} "
-              f"-> {out / name}.png (ETA {left:.0f} s)", flush=True)
-    (out / "detections.json").write_text(json.dumps(rows, indent=1))
-    print(f"detected on {len(files) - len(skipped)} image(s), {drawn} boxes over {conf}; "
-          f"{len(skipped)} unreadable file(s) skipped; wrote {out}/detections.json "
-          f"({len(rows)} boxes over {CONF_THRE})")
-    return {"images": len(files) - len(skipped), "skipped": skipped, "boxes": len(rows)}
-
-
-def export(model, path: str, size: int) -> Path:
-    """torch.export the eval-mode model at size x size, any batch: (B, 3, size, size) normalised
-    input (preprocess) -> (B, N, 5 + C) decoded rows, the same as model(x). Load it with
-    torch.export.load(path).module() - no asff code needed to run it."""
-    model = model.eval()
-    example = torch.zeros(2, 3, size, size, device=next(model.parameters()).device)
-    batch = torch.export.Dim("batch", min=1, max=1024)
-    with torch.no_grad():
-        program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    torch.export.save(program, path)
-    print(f"wrote {path}: (B, 3, {size}, {size}) -> (B, {model(example[:1]).shape[1]}, "
-          f"{5 + model.num_classes}) decoded [cx, cy, w, h, obj, cls...] in input pixels")
-    return Path(path)
-
-
-# ---------------------------------------------------------------------------------------------
-# Command line
-# ---------------------------------------------------------------------------------------------
-def build_parser() -> argparse.ArgumentParser:
-    examples = __doc__[__doc__.index("Command line"):__doc__.index("Departures")]
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=examples,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    a = p.add_argument
-    a("--weights", help="our checkpoint, an authors' .pth or darknet's yolov3.weights "
-                        "(none: random weights with the --fusion/... flags below)")
-    a("--no-ema", action="store_true", help="our checkpoint's raw weights, not its EMA ones")
-    a("--data", help="COCO root with val2017/ (test2017/ with --test-dev) and annotations/; "
-                     "default: the built-in synthetic set")
-    a("--images", help="image folder of a custom COCO-format set (with --ann)")
-    a("--ann", help="annotation JSON of that set")
-    a("--test-dev", action="store_true", help="write the results file for the COCO server")
-    a("--size", type=int, default=608, help="test size, a multiple of 32 (paper: 320-800)")
-    a("--conf", "--draw-conf", dest="conf", type=float, default=None,
-      help=f"score threshold on obj * cls: evaluation keeps boxes over it (default {CONF_THRE}: "
-           f"COCO AP needs the tail); --detect and --show draw boxes over it (default {DRAW_CONF})")
-    a("--nms", type=float, default=NMS_THRE, help="NMS IoU (paper 0.6; the release 0.65)")
-    a("--max-det", type=int, default=MAX_DET, help="detections kept per image")
-    a("--multi-label", action="store_true", help="every class over --conf, not only the argmax")
-    a("--letterbox", action="store_true", help="letterbox instead of the released plain resize")
-    a("--darknet-input", action="store_true",
-      help="darknet's preprocessing: pixels / 255, letterbox (implies --letterbox); implied by a "
-           ".weights file")
-    a("--batch", type=int, default=8, help="images per forward")
-    a("--limit", type=int, help="evaluate only the first N images")
-    a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    a("--half", action="store_true", help="fp16 autocast (GPU)")
-    a("--out", help="folder for metrics.json, the results JSON and pictures")
-    a("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    a("--fusion", default="asff", choices=["none", "sum", "concat", "asff"],
-      help="model without --weights (with the width/depth below)")
-    a("--rfb", action="store_true")
-    a("--num-classes", type=int, default=80)
-    a("--width", type=float, default=1.0)
-    a("--depth", type=float, default=1.0)
-    a("--show", nargs="?", const="", metavar="IMAGE",
-      help="draw Figure 3 for IMAGE (default: the first image of the evaluation set)")
-    a("--detect", nargs="+", metavar="PATH", help="detect on these images / folders: one PNG "
-      "per image and detections.json in --out (default detections/)")
-    a("--export", metavar="FILE", help="write the model as a torch.export program (.pt2) for "
-      "--size x --size inputs, any batch")
-    return p
-
-
-def _setup_device(name: str) -> torch.device:
-    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK: join the group (nccl on GPU, gloo on CPU)."""
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
-        cuda = name.startswith("cuda")
-        dist.init_process_group("nccl" if cuda else "gloo")
-        if cuda:
-            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-            return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-    return torch.device(name)
-
-
-def open_dataset(args):
-    """COCO val2017 / test-dev2017 under --data, a custom set (--images, --ann), or the
-    built-in synthetic validation set."""
-    from data import CocoDetection, make_synthetic
-    unlabelled = dict(require_annotations=not args.test_dev)   # test-dev has no annotations
-    if args.images or args.ann:
-        return CocoDetection(args.images, args.ann, **unlabelled)
-    if args.data:
-        split, ann = (("test2017", "image_info_test-dev2017.json") if args.test_dev
-                      else ("val2017", "instances_val2017.json"))
-        return CocoDetection(os.path.join(args.data, split),
-                             os.path.join(args.data, "annotations", ann), **unlabelled)
-    paths = make_synthetic()          # the defaults train.py's demo uses, cached
-    return CocoDetection(paths["val_images"], paths["val_json"])
-
-
-def _show_cli(args, model) -> None:
-    """--show [IMAGE]: Figure 3 for IMAGE, or for the first image of the evaluation set (the
-    synthetic one by default); class names from that set, COCO's for 80 classes, or numbers."""
-    dataset = open_dataset(args) if not args.show or args.data or args.ann else None
-    image, name = args.show, None
-    if not args.show:
-        image, image_id = dataset.load_image(0)
-        name = Path(dataset.coco.imgs[image_id]["file_name"]).stem
-    if dataset is not None and len(dataset.class_names) == model.num_classes:
-        names = dataset.class_names
-    elif model.num_classes == len(COCO_NAMES):
-        names = COCO_NAMES
-    else:
-        names = [f"class {k}" for k in range(model.num_classes)]
-    show(model, image, args.out or ".", args.size, names, _conf(args, DRAW_CONF), args.nms, name,
-         args.letterbox, args.darknet_input)
-
-
-def _conf(args, default: float) -> float:
-    return default if args.conf is None else args.conf
-
-
-def checkpoint_class_names(weights: str | None, num_classes: int) -> tuple[list[str], list[int]]:
-    """(class names, category ids) for pictures and results: those train.py saved in the
-    checkpoint, COCO's for an 80-class model without them, else "class k" and k."""
-    state = read_checkpoint(weights) if weights and not str(weights).endswith(".weights") else {}
-    if state.get("class_names") and len(state["class_names"]) == num_classes:
-        return list(state["class_names"]), list(state.get("cat_ids") or range(num_classes))
-    if num_classes == len(COCO_NAMES):
-        return list(COCO_NAMES), list(COCO_CAT_IDS)
-    return [f"class {k}" for k in range(num_classes)], list(range(num_classes))
-
-
-def _demo() -> None:
-    """No arguments: a toy run of postprocess on four boxes (two overlap in class 0)."""
-    decoded = torch.tensor([[[50., 50, 40, 40, 0.9, 0.9, 0.1],     # class 0, score 0.81
-                             [54., 50, 40, 40, 0.8, 0.9, 0.1],     # class 0, IoU 0.82: dropped
-                             [54., 50, 40, 40, 0.8, 0.1, 0.9],     # class 1: kept (other class)
-                             [200., 90, 30, 60, 0.004, 0.9, 0.1]]])  # score < 0.005: dropped
-    print("\ntoy example: decoded rows [cx, cy, w, h, obj, cls0, cls1] ->")
-    print("postprocess (conf 0.005, NMS 0.6): [x1, y1, x2, y2, score, class, obj]")
-    print(postprocess(decoded)[0])
-
-
-def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    parser = build_parser()
-    if not argv:
-        parser.print_help()
-        _demo()
-        return
-    args = parser.parse_args(argv)
-    if bool(args.images) != bool(args.ann):   # file names are relative to the image folder
-        parser.error("--images and --ann go together: a custom set is an image folder and its "
-                     "COCO-format annotation JSON")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = _setup_device(args.device)
-    args.darknet_input |= str(args.weights).endswith(".weights")   # darknet's model, its input
-    args.letterbox |= args.darknet_input
-    config = dict(num_classes=args.num_classes, rfb=args.rfb, width=args.width,
-                  depth=args.depth, fusion=None if args.fusion == "none" else args.fusion)
-    model = load_model(args.weights, False if args.no_ema else None, **config).to(device).eval()
-    if args.export:
-        return export(model, args.export, args.size)
-    if args.detect:
-        names, cat_ids = checkpoint_class_names(args.weights, model.num_classes)
-        return detect(model, args.detect, args.out or "detections", args.size, names, cat_ids,
-                      _conf(args, DRAW_CONF), args.nms, args.letterbox, args.darknet_input)
-    if args.show is not None:
-        return _show_cli(args, model)
-    dataset = open_dataset(args)
-    check_classes(model, dataset, args.weights or f"random weights (--num-classes "
-                                                  f"{args.num_classes})")
-    evaluate(model, dataset, args.size, _conf(args, CONF_THRE), args.nms, args.max_det,
-             args.multi_label, args.letterbox, args.batch, args.limit, args.test_dev, args.out,
-             torch.float16 if args.half else None, darknet_input=args.darknet_input)
-    if dist.is_initialized():
-        dist.destroy_process_group()
+def load_model(weights: str | None = None, ema: bool | None = None, **model_flags) -> Detector:
+    """load_detector's model alone."""
+    return load_detector(weights, ema, **model_flags)[0]
 
 
 if __name__ == "__main__":
-    from data import exit_on_user_error
-    exit_on_user_error(main)
+    if "--debug" in sys.argv[1:]:
+        os.environ["ASFF_DEBUG"] = "1"    # data.exit_on_user_error then shows the traceback
+    data.exit_on_user_error(main)

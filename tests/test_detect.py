@@ -115,3 +115,30 @@ def test_export_gives_the_eager_models_outputs(tmp_path):
         x = torch.randn(batch, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(batch))
         with torch.no_grad():
             torch.testing.assert_close(program(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_checkpoint_size_and_class_names_reach_detect_and_show(tmp_path, monkeypatch):
+    """A checkpoint with train.py's model_args, eval_size, class_names and cat_ids: --detect and
+    --show on a user's own image run at its size (no --size) and name its classes."""
+    model = tiny_model()
+    ckpt = tmp_path / "c.pt"
+    torch.save({"model": model.state_dict(), "ema": None, "optimizer": {}, "config": {},
+                "model_args": dict(num_classes=3, fusion="asff", width=0.125, depth=0.33),
+                "eval_size": SIZE, "class_names": NAMES, "cat_ids": [3, 17, 42]}, ckpt)
+    folder = write_images(tmp_path / "photos")
+    image = np.asarray(open_rgb(str(folder / "wide.png")))
+    want = boxes_by_hand(model, image)                          # at SIZE, not 608
+    ev.main(["--detect", str(folder / "wide.png"), "--weights", str(ckpt), "--out",
+             str(tmp_path / "out")])
+    rows = json.loads((tmp_path / "out" / "detections.json").read_text())
+    assert len(rows) == len(want) > 0
+    assert [r["category"] for r in rows] == [NAMES[int(c)] for c in want[:, 5]]
+    assert [r["category_id"] for r in rows] == [[3, 17, 42][int(c)] for c in want[:, 5]]
+    drawn = {}
+    monkeypatch.setattr(ev, "draw_figure3", lambda image, det, maps, names: drawn.update(
+        det=det, names=names) or Image.new("RGB", (8, 8)))
+    ev.main(["--show", str(folder / "wide.png"), "--weights", str(ckpt), "--out",
+             str(tmp_path / "fig"), "--conf", "0.01"])
+    assert drawn["names"] == NAMES                              # not "class 0", "class 1", ...
+    torch.testing.assert_close(drawn["det"], want[want[:, 4] >= 0.01])
+    assert (tmp_path / "fig" / "figure3_wide.png").is_file()

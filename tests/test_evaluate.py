@@ -6,6 +6,10 @@ import io
 import json
 import math
 import os
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -403,9 +407,12 @@ def run_fake_evaluation(ann, out, size=64):
                        verbose=False)
 
 
-def shard_worker(rank, world, init_file, ann, out):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=world)
+def shard_worker(rank, world, port, ann, out):
+    """torchrun's environment, then evaluate.init_distributed joins the gloo group."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    assert ev.init_distributed("cpu") == (rank, world, torch.device("cpu"))
+    assert dist.get_backend() == "gloo" and dist.get_world_size() == world
     torch.set_num_threads(1)
     metrics = run_fake_evaluation(ann, os.path.join(out, "sharded") if rank == 0 else None)
     with open(os.path.join(out, f"metrics.{rank}.json"), "w") as f:
@@ -417,7 +424,10 @@ def test_sharded_evaluation_equals_single_process(tmp_path):
     ann, _ = write_gt(tmp_path, CUSTOM_IDS, n_boxes=20, images=SHARD_IMAGES)
     single = run_fake_evaluation(ann, str(tmp_path / "single"))
     assert single["images"] == 7 and single["failed_images"] == 1 and 0.2 < single["AP"] < 0.95
-    mp.spawn(shard_worker, args=(2, str(tmp_path / "init"), str(ann), str(tmp_path)), nprocs=2)
+    with socket.socket() as free:                                 # a free port for the group
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    mp.spawn(shard_worker, args=(2, port, str(ann), str(tmp_path)), nprocs=2)
     for rank in (0, 1):
         sharded = json.loads((tmp_path / f"metrics.{rank}.json").read_text())
         assert {k: v for k, v in sharded.items() if k != "seconds"} == \
@@ -537,3 +547,119 @@ def test_speed_report_ends_with_the_json_line(capsys):
                           "--warmup", "0", "--width", "0.125", "--depth", "0.34", "--no-fold"])
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == summary
     assert "asff_overhead_64" in summary and "forward_folded_ms_asff_64" not in summary
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line as users meet it: generated flags, checkpoint settings, one-line errors
+# ---------------------------------------------------------------------------------------------
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Toy:
+    ratio: float | None = ev.opt(0.5, "a ratio")
+    name: str = ev.opt("x", "a name", flags=("--name", "--alias"))
+    on: bool = ev.opt(True, "a switch")
+    paths: list[str] | None = ev.opt(None, "paths; default: none given")
+
+
+def test_dataclass_parser_holds_only_the_flags_given(capsys):
+    parser = ev.dataclass_parser(Toy, "toy")
+    assert vars(parser.parse_args([])) == {} and Toy(**vars(parser.parse_args([]))) == Toy()
+    given = vars(parser.parse_args(["--ratio", "none", "--no-on", "--alias", "y",
+                                    "--paths", "a", "b"]))
+    assert given == {"ratio": None, "on": False, "name": "y", "paths": ["a", "b"]}
+    text = parser.format_help()
+    assert "a ratio [default: 0.5]" in text and "--on, --no-on" in text
+    assert "paths; default: none given" in text and "none given [default" not in text
+    for argv, message in ((["--ratio", "x"], "invalid float value: 'x'"),
+                          (["--rat", "0.1"], "unrecognized arguments: --rat 0.1")):
+        with pytest.raises(SystemExit) as exit_:
+            parser.parse_args(argv)
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_every_flag_has_help_with_its_default_and_abbreviations_are_refused(capsys):
+    parser = ev.dataclass_parser(ev.EvalConfig, "evaluate")
+    actions = [a for a in parser._actions if a.dest != "help"]
+    assert len(actions) == len(ev.dataclasses.fields(ev.EvalConfig))
+    for action in actions:
+        assert action.help and "default" in action.help, action.option_strings
+    with pytest.raises(SystemExit) as exit_:
+        ev.main(["--siz", "64"])
+    assert exit_.value.code == 2
+    assert "unrecognized arguments: --siz 64" in capsys.readouterr().err
+
+
+def test_init_distributed_in_a_plain_run(monkeypatch):
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    assert ev.init_distributed("cpu") == (0, 1, torch.device("cpu"))
+    with pytest.raises(ev.data.UserError, match="--device gpu0: not a torch device"):
+        ev.init_distributed("gpu0")
+    if not torch.cuda.is_available():
+        assert ev.init_distributed(None) == (0, 1, torch.device("cpu"))
+        with pytest.raises(ev.data.UserError, match="--device cuda: torch sees no GPU"):
+            ev.init_distributed("cuda")
+
+
+def contract_checkpoint(path, model, eval_size, class_names, cat_ids) -> str:
+    """A checkpoint with what train.py saves for evaluation; its config names no architecture,
+    so only model_args can build the model (a default-width Detector would not load)."""
+    torch.save({"model": model.state_dict(), "ema": None, "optimizer": {}, "config": {"lr": 1e-3},
+                "model_args": SMALL, "eval_size": eval_size, "class_names": class_names,
+                "cat_ids": cat_ids}, path)
+    return str(path)
+
+
+def test_checkpoint_is_evaluated_at_its_size_and_flags_override(tmp_path, capsys):
+    head = pytest.importorskip("head")
+    data = pytest.importorskip("data")
+    paths = data.make_synthetic(str(tmp_path), n_train=1, n_val=2, image_size=96)
+    ckpt = contract_checkpoint(tmp_path / "c.pt", head.Detector(**SMALL), 64, list("abcde"),
+                               [1, 2, 3, 4, 5])
+    common = ["--weights", ckpt, "--images", paths["val_images"], "--ann", paths["val_json"]]
+    for extra, size in (([], 64), (["--size", "96"], 96)):
+        ev.main(common + extra + ["--out", str(tmp_path / f"run{size}")])
+        metrics = json.loads((tmp_path / f"run{size}" / "metrics.json").read_text())
+        assert metrics["size"] == size and f"at {size} x {size}" in capsys.readouterr().out
+
+
+def test_flag_contradicting_the_checkpoint_is_refused_naming_both_values(tmp_path):
+    head = pytest.importorskip("head")
+    ckpt = contract_checkpoint(tmp_path / "c.pt", head.Detector(**SMALL), 64, list("abcde"),
+                               [1, 2, 3, 4, 5])
+    for argv, message in ((["--fusion", "sum"], f"--fusion sum contradicts {ckpt}, a model with "
+                                                "fusion asff"),
+                          (["--fusion", "none"], "--fusion none contradicts .* fusion asff"),
+                          (["--width", "0.5"], "--width 0.5 contradicts .* width 0.25"),
+                          (["--rfb"], "--rfb True contradicts .* rfb False")):
+        with pytest.raises(ev.data.UserError, match=message):
+            ev.main(["--weights", ckpt, "--export", str(tmp_path / "m.pt2")] + argv)
+    model, saved = ev.load_detector(ckpt, fusion="asff", num_classes=5)   # agreeing flags: fine
+    assert model.num_classes == 5 and saved == {"eval_size": 64, "class_names": list("abcde"),
+                                                "cat_ids": [1, 2, 3, 4, 5]}
+
+
+def run_script(tmp_path, *argv):
+    return subprocess.run([sys.executable, str(REPO / "evaluate.py"), *argv], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300,
+                          env=os.environ | {"OMP_NUM_THREADS": "1", "ASFF_DEBUG": ""})
+
+
+def test_user_errors_end_in_one_line_and_status_2(tmp_path):
+    (tmp_path / "notes.pt").write_text("not a checkpoint\n")
+    for argv, message in ((["--data", str(tmp_path / "coco")], "no such folder"),
+                          (["--weights", "notes.pt"], "notes.pt: not a checkpoint"),
+                          (["--size", "200"], "--size 200: the test size must be a multiple of 32"),
+                          (["--size", "64", "--nms", "1.5"], "--nms 1.5: out of range"),
+                          (["--device", "gpu0"], "--device gpu0: not a torch device")):
+        done = run_script(tmp_path, *argv)
+        assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+        (line,) = done.stderr.strip().splitlines()
+        assert message in line and line.startswith("error: ")
+        if "--data" in argv:
+            assert "--images" in line and "--ann" in line   # how a custom set is given instead
+    debug = run_script(tmp_path, "--size", "200", "--debug")
+    assert debug.returncode == 1 and "Traceback" in debug.stderr and "UserError" in debug.stderr
