@@ -11,6 +11,10 @@ ASFF_TEST_SEEDS=<s1,s2,...>: tests that take a `seed` argument (the fitting test
 test_loss.py) run once per seed; default 0. To try others:
     ASFF_TEST_SEEDS=0,1,2,3 python -m pytest tests/test_loss.py -k "minimal or learns"
 
+The suite runs on the CPU, on any machine: CUDA_VISIBLE_DEVICES is emptied for it and for the
+processes it starts, since train.py and evaluate.py take a GPU when they see one and the exact
+resume checks and 2-rank gloo runs assume the CPU. ASFF_TEST_CUDA=1 leaves the GPUs visible.
+
 ASFF_EXERCISE_STUB=<exercise>:<raise|zeros> (for the coursework exercises, tests/exercise.py
 and tests/test_exercises.py): the exercise's function is replaced before any test module
 imports it: `raise` by a stub that raises NotImplementedError, `zeros` by one that returns zeros
@@ -25,6 +29,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+
+if not os.environ.get("ASFF_TEST_CUDA"):
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""         # before anything asks torch for a GPU
 
 
 @pytest.fixture(autouse=True)
