@@ -27,11 +27,13 @@ Departures from the release: NMS 0.6 (paper), not 0.65; at most 100 boxes per im
 
 import argparse
 import contextlib
+import copy
 import dataclasses
 import inspect
 import io
 import json
 import os
+import shutil
 import sys
 import time
 import typing
@@ -137,6 +139,35 @@ def postprocess(decoded: torch.Tensor, conf_thre: float = CONF_THRE, nms_thre: f
         columns = (score[keep, None], cls[keep, None].to(p.dtype), obj[rows][keep, None])
         out.append(torch.cat((boxes[keep], *columns), dim=1))            # (K', 7)
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The inference-time model: eval mode, conv+BN folded, NHWC, optionally compiled
+# ---------------------------------------------------------------------------------------------
+def prepare_for_inference(model: Detector, fold: bool = True, channels_last: bool = True,
+                          compile: bool = False, in_place: bool = False) -> Detector:
+    """The one place where a model is made ready to evaluate, detect, export or time (all call
+    it): eval mode; each BatchNorm folded into its conv (ConvBN.fuse_bn: the same function up to
+    float rounding) and the activations made in-place (each acts on a conv's fresh output);
+    NHWC ("channels_last") tensors, which oneDNN convolutions on CPUs and tensor cores on GPUs
+    run without layout reorders; torch.compile when asked (inductor; on a CPU it needs a C++
+    compiler). Unless in_place, on a deep copy: a model in training (train.py's) stays as it is."""
+    model = model if in_place else copy.deepcopy(model)
+    model.eval()
+    if fold and hasattr(model, "fuse_conv_bn"):           # a Detector (tests pass stand-ins)
+        model.fuse_conv_bn()
+        for m in model.modules():
+            if isinstance(m, torch.nn.LeakyReLU):
+                m.inplace = True
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    if compile:
+        if next(model.parameters()).device.type == "cpu" and not any(
+                shutil.which(c) for c in (os.environ.get("CXX", "c++"), "g++", "clang++")):
+            raise data.UserError("--compile on a CPU needs a C++ compiler (torch inductor builds "
+                                 "its kernels with it); none found: install g++ or drop --compile")
+        model.forward = torch.compile(model.forward)
+    return model
 
 
 # ---------------------------------------------------------------------------------------------
@@ -259,7 +290,7 @@ def _infer_shard(model, dataset, indices, cfg: "EvalConfig", total: int, world: 
         inputs, metas = _load_batch(dataset, indices[start:start + cfg.batch_size], cfg, failures)
         if inputs:
             x = torch.stack(inputs).to(device)                           # (B, 3, S, S)
-            with torch.no_grad(), torch.autocast(device.type, torch.float16, enabled=cfg.half):
+            with torch.inference_mode(), torch.autocast(device.type, torch.float16, enabled=cfg.half):
                 decoded = model(x).float()                               # (B, N, 5+C)
             for det, (index, image_id, hw) in zip(postprocess(decoded, **post), metas):
                 det = to_original(det.cpu(), (cfg.size, cfg.size), hw, cfg.letterbox)  # (K, 7)
@@ -295,10 +326,9 @@ def evaluate(model, dataset, cfg: "EvalConfig | None" = None, verbose: bool = Tr
     on = dist.is_available() and dist.is_initialized()
     rank, world = (dist.get_rank(), dist.get_world_size()) if on else (0, 1)
     start, n = time.time(), len(dataset) if cfg.limit is None else min(cfg.limit, len(dataset))
-    was_training = model.training
-    part = _infer_shard(model.eval(), dataset, list(range(rank, n, world)), cfg, n, world,
+    prepared = prepare_for_inference(model, cfg.fold, cfg.channels_last, cfg.compile)  # a copy
+    part = _infer_shard(prepared, dataset, list(range(rank, n, world)), cfg, n, world,
                         verbose and rank == 0)
-    model.train(was_training)
     parts = [part] if world == 1 else [None] * world
     if world > 1:
         dist.all_gather_object(parts, part)
@@ -471,10 +501,11 @@ def show(model, image, out: str, size: int, class_names, name: str = "image",
     if isinstance(image, (str, Path)):
         image, name = np.asarray(data.open_rgb(str(image))), Path(image).stem   # EXIF-upright
     conf = DRAW_CONF if cfg.conf_thre is None else cfg.conf_thre
+    model = prepare_for_inference(model, cfg.fold, cfg.channels_last)
     det, x = detect_image(model, image, cfg)                       # (K, 7), (1, 3, S, S)
     maps = None
     if model.fusion_mode == "asff":
-        with torch.no_grad():
+        with torch.inference_mode():
             maps = {s: {k: t[0] for k, t in m.items()} for s, m in model.fusion_maps(x).items()}
     path = Path(out) / f"figure3_{name}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -507,7 +538,7 @@ def detect_image(model, image: np.ndarray, cfg: "EvalConfig") -> tuple[torch.Ten
     (1, 3, S, S) input): the evaluation's preprocessing, decode and NMS, in eval mode."""
     x = preprocess(image, cfg.size, cfg.letterbox, cfg.darknet_input)[None]      # (1, 3, S, S)
     x = x.to(next(model.parameters()).device)
-    with torch.no_grad():
+    with torch.inference_mode():
         det = postprocess(model.eval()(x), CONF_THRE, cfg.nms_thre, cfg.max_det, cfg.multi_label)[0]
     return to_original(det.cpu(), (cfg.size, cfg.size), image.shape[:2], cfg.letterbox), x
 
@@ -518,6 +549,7 @@ def detect(model, paths: list[str], class_names, cat_ids, cfg: "EvalConfig") -> 
     CONF_THRE as COCO results (image_id: the file's place in the list) with file_name and
     category. Unreadable files are named, skipped and counted. -> {"images", "skipped", "boxes"}"""
     files, out = image_files(paths), Path(cfg.out or "detections")
+    model = prepare_for_inference(model, cfg.fold, cfg.channels_last, cfg.compile)
     out.mkdir(parents=True, exist_ok=True)
     conf = DRAW_CONF if cfg.conf_thre is None else cfg.conf_thre
     rows, skipped, drawn, names, start = [], [], 0, set(), time.time()
@@ -545,12 +577,14 @@ def detect(model, paths: list[str], class_names, cat_ids, cfg: "EvalConfig") -> 
     return {"images": len(files) - len(skipped), "skipped": skipped, "boxes": len(rows)}
 
 
-def export(model, path: str, size: int) -> Path:
-    """torch.export of the eval-mode model for (B, 3, size, size) normalised inputs, any batch B
-    -> (B, N, 5 + C) decoded rows, as model(x); run it with torch.export.load(path).module()."""
+def export(model, path: str, size: int, fold: bool = True) -> Path:
+    """torch.export of the model as prepare_for_inference makes it, for (B, 3, size, size)
+    normalised inputs, any batch B -> (B, N, 5 + C) decoded rows, as model(x); run it with
+    torch.export.load(path).module()."""
+    model = prepare_for_inference(model, fold, channels_last=False)   # saved weights: contiguous
     example = torch.zeros(2, 3, size, size, device=next(model.parameters()).device)
     with torch.no_grad():
-        program = torch.export.export(model.eval(), (example,),
+        program = torch.export.export(model, (example,),
                                       dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=1024)},))
         rows = model(example[:1]).shape[1]
     Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -587,6 +621,9 @@ class EvalConfig:
     multi_label: bool = opt(False, "every class over --conf is a detection, not only the argmax")
     letterbox: bool = opt(False, "letterbox instead of the released plain resize")
     darknet_input: bool = opt(False, "darknet's input: pixels / 255, letterbox (a .weights file's)")
+    fold: bool = opt(True, "fold conv+BN, in-place activations (prepare_for_inference; same outputs)")
+    channels_last: bool = opt(True, "NHWC tensors for the convolutions (faster on CPU and GPU)")
+    compile: bool = opt(False, "torch.compile the model (first call slow; a CPU needs a C++ compiler)")
     # the run
     batch_size: int = opt(8, "images per forward", flags=("--batch",))
     limit: int | None = opt(None, "evaluate only the first N images", metavar="N")
@@ -755,7 +792,7 @@ def main(argv: list[str] | None = None) -> None:
     darknet = cfg.darknet_input or str(cfg.weights).endswith(".weights")  # darknet's model, input
     cfg = dataclasses.replace(cfg, darknet_input=darknet, letterbox=cfg.letterbox or darknet)
     if cfg.export:
-        return export(model, cfg.export, cfg.size)
+        return export(model, cfg.export, cfg.size, cfg.fold)
     if cfg.detect:
         return detect(model, cfg.detect, *class_names(saved, model.num_classes), cfg)
     if cfg.show is not None:                   # IMAGE, or the first image of the evaluation set

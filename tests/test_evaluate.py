@@ -663,3 +663,40 @@ def test_user_errors_end_in_one_line_and_status_2(tmp_path):
             assert "--images" in line and "--ann" in line   # how a custom set is given instead
     debug = run_script(tmp_path, "--size", "200", "--debug")
     assert debug.returncode == 1 and "Traceback" in debug.stderr and "UserError" in debug.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# prepare_for_inference: folded, NHWC, in-place activations - the released model's outputs
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("variant", ["baseline", "asff", "asff-rfb"])
+def test_prepared_model_gives_the_golden_outputs(variant):
+    golden = pytest.importorskip("golden")
+    if not (golden.REFERENCE / "golden").is_dir():
+        pytest.skip(f"golden fixtures not found under {golden.REFERENCE}")
+    ref, model = golden.golden_reference(variant), golden.golden_model(variant)
+    prepared = ev.prepare_for_inference(model)
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())   # a copy
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in prepared.modules())
+    conv = prepared.backbone.stem.conv if hasattr(prepared.backbone, "stem") else next(
+        m for m in prepared.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        out = prepared(ref["input"])
+    torch.testing.assert_close(out, ref["eval_output"], rtol=1e-4, atol=1e-4)
+    if variant != "baseline":
+        maps = prepared.fusion_maps(ref["input"])
+        for s in (32, 16, 8):
+            torch.testing.assert_close(maps[s]["weights"], ref["fusion_weights"][f"s{s}"],
+                                       rtol=1e-4, atol=1e-4)
+
+
+def test_prepare_leaves_a_training_model_alone_and_compile_needs_a_compiler(monkeypatch):
+    head = pytest.importorskip("head")
+    model = head.Detector(3, fusion="asff", width=0.125, depth=0.33).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ev.prepare_for_inference(model)
+    assert model.training and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    monkeypatch.setattr(ev.shutil, "which", lambda name: None)
+    data = pytest.importorskip("data")
+    with pytest.raises(data.UserError, match="--compile on a CPU needs a C\\+\\+ compiler"):
+        ev.prepare_for_inference(model, compile=True)
