@@ -9,6 +9,9 @@ object of its figures (scripts read those keys; keep them stable).
     python tests/bench.py speed [--runs 5 --threads 1 --half --device cuda --speed-sizes 608]
                                                       Tables 3-4: forward of baseline / sum /
                                                       concat / ASFF / ASFF*, decode + NMS
+    python tests/bench.py against ../ref [--runs 5]  ours against another checkout (git worktree
+                                                      add ../ref COMMIT): forwards at 416 and 608,
+                                                      a training step, % of the conv roofline
 
 Everything here only measures: the code it times lives in the concept files (loss.py,
 data.py, train.py, evaluate.py, head.py). No library file imports this one.
@@ -16,6 +19,7 @@ data.py, train.py, evaluate.py, head.py). No library file imports this one.
 
 import argparse
 import contextlib
+import importlib
 import json
 import os
 import resource
@@ -378,6 +382,119 @@ def speed_report(bench: dict, sizes, variants) -> tuple[str, dict]:
 
 
 # ---------------------------------------------------------------------------------------------
+# against: this code against another checkout of it (e.g. an older commit), in one process
+# ---------------------------------------------------------------------------------------------
+CODE = ("asff", "darknet", "head", "loss", "data", "evaluate", "train")
+
+
+def import_checkout(folder: str) -> dict:
+    """The modules of another checkout of this repository, imported under their own names
+    without disturbing ours: {name: module}."""
+    ours = {n: sys.modules.pop(n) for n in CODE if n in sys.modules}
+    sys.path.insert(0, str(Path(folder).resolve()))
+    try:
+        return {n: importlib.import_module(n) for n in ("head", "loss")}
+    finally:
+        sys.path.pop(0)
+        for n in CODE:
+            sys.modules.pop(n, None)
+        sys.modules.update(ours)
+
+
+def conv_roofline(device: torch.device, repeats: int = 5) -> float:
+    """GFLOP/s of one large 3x3 convolution (256 -> 256 channels on 104 x 104, NHWC): what this
+    machine's convolution kernels reach, the ceiling for a detector made of such convs."""
+    conv = torch.nn.Conv2d(256, 256, 3, padding=1, bias=False).to(device, memory_format=torch.channels_last)
+    x = torch.randn(1, 256, 104, 104, device=device).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        ms = median_ms(lambda: conv(x), repeats)
+    return 2 * 9 * 256 * 256 * 104 * 104 / (ms / 1000) / 1e9
+
+
+def training_step(head_module, loss_module, fusion, channels_last: bool, size: int, batch: int):
+    """A closure running one SGD step (forward, compute_loss, backward, step) of a full-size
+    Detector of `head_module` on random images and boxes."""
+    torch.manual_seed(0)
+    model = head_module.Detector(80, fusion=fusion).train()
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-6, momentum=0.9)
+    batches = random_batches(2, batch, size, 80)
+
+    def step(k=[0]):  # noqa: B006 - the step counter lives with the closure
+        images, targets = batches[k[0] % 2]
+        k[0] += 1
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        losses = loss_module.compute_loss(model(images), targets, model)
+        losses["total"].backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return step
+
+
+def against_benchmark(reference: str, sizes=(416, 608), runs: int = 5, train_size: int = 416,
+                      train_batch: int = 2, train_runs: int = 3) -> tuple[str, dict]:
+    """Ours (evaluate.prepare_for_inference; training in NHWC as train.py runs it) against the
+    checkout at `reference` as it ran (its plain eval forward; its training step), rounds
+    interleaved; FLOPs and the fraction of the measured conv roofline."""
+    import head
+    ref = import_checkout(reference)
+    dev = torch.device("cpu")
+    models = {}
+    for name, fusion in (("asff", "asff"), ("baseline", None)):
+        torch.manual_seed(0)
+        models[("ours", name)] = evaluate.prepare_for_inference(head.Detector(80, fusion=fusion))
+        torch.manual_seed(0)
+        models[("ref", name)] = ref["head"].Detector(80, fusion=fusion).eval()
+    flops = {(n, s): head.count_flops(head.Detector(80, fusion=f), s) / 1e9
+             for n, f in (("asff", "asff"), ("baseline", None)) for s in sizes}
+    roof = conv_roofline(dev)
+    times = {}
+    with torch.inference_mode():
+        for r in range(runs + 1):
+            for s in sizes:
+                x = torch.randn(1, 3, s, s)
+                for key, model in models.items():
+                    ms = timed_ms(partial(model, x), dev)[0]
+                    if r:
+                        times.setdefault((*key, s), []).append(ms)
+    steps = {k: training_step(ref["head"] if k == "ref" else head, ref["loss"] if k == "ref" else loss,
+                              "asff", k == "ours", train_size, train_batch) for k in ("ours", "ref")}
+    for r in range(train_runs + 1):
+        for key, step in steps.items():
+            ms = timed_ms(step, dev)[0]
+            if r:
+                times.setdefault((key, "train", train_size), []).append(ms)
+    med = {k: float(np.median(v)) for k, v in times.items()}
+    return against_report(med, flops, roof, sizes, train_size, train_batch)
+
+
+def against_report(med: dict, flops: dict, roof: float, sizes, train_size: int,
+                   train_batch: int) -> tuple[str, dict]:
+    lines = [f"conv roofline (3x3, 256 ch, 104 x 104, NHWC): {roof:.1f} GFLOP/s",
+             f"{'model':<10}{'size':>5}{'ours ms':>9}{'ref ms':>9}{'ratio':>7}{'GFLOPs':>8}"
+             f"{'GFLOP/s':>9}{'of roof':>8}"]
+    summary = {"roofline_gflops": round(roof, 1)}
+    for s in sizes:
+        for name in ("asff", "baseline"):
+            ours, theirs = med[("ours", name, s)], med[("ref", name, s)]
+            rate = flops[(name, s)] / (ours / 1000)
+            lines.append(f"{name:<10}{s:>5}{ours:>9.1f}{theirs:>9.1f}{ours / theirs:>7.3f}"
+                         f"{flops[(name, s)]:>8.1f}{rate:>9.1f}{rate / roof:>8.1%}")
+            summary[f"{name}_ratio_{s}"] = round(ours / theirs, 4)
+            summary[f"{name}_roofline_fraction_{s}"] = round(rate / roof, 4)
+        summary[f"asff_overhead_{s}"] = round(med[("ours", "asff", s)] / med[("ours", "baseline", s)] - 1, 4)
+    ours, theirs = med[("ours", "train", train_size)], med[("ref", "train", train_size)]
+    lines.append(f"training step, ASFF, batch {train_batch} at {train_size}: ours {ours:.0f} ms, ref "
+                 f"{theirs:.0f} ms, ratio {ours / theirs:.3f}")
+    summary["train_step_ratio"] = round(ours / theirs, 4)
+    lines.append("ms: medians of interleaved rounds, batch 1, fp32. ours: prepare_for_inference (folded, "
+                 "NHWC); ref: the other checkout's plain eval forward, as its evaluation ran it.")
+    return "\n".join(lines), summary
+
+
+# ---------------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------------
 def run_loss(args, rest) -> dict:
@@ -404,6 +521,14 @@ def run_speed(args, rest) -> dict:
     timings = speed_benchmark(args.speed_sizes, args.variants, args.device, dtype, args.speed_batch,
                               args.runs, args.warmup, args.width, args.depth, not args.no_fold)
     table, summary = speed_report(timings, args.speed_sizes, args.variants)
+    print(table)
+    return summary
+
+
+def run_against(args, rest) -> dict:
+    print(f"ours vs {args.reference}, cpu, {torch.get_num_threads()} threads", flush=True)
+    table, summary = against_benchmark(args.reference, args.sizes, args.runs, args.train_size,
+                                       args.train_batch, args.train_runs)
     print(table)
     return summary
 
@@ -446,7 +571,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--depth", type=float, default=1.0)
     p.set_defaults(run=run_speed)
 
-    for name in ("loss", "speed"):
+    p = commands.add_parser("against", help="ours against another checkout (inference, training)")
+    p.add_argument("reference", help="a checkout of this repository, e.g. `git worktree add "
+                   "../ref <commit>`")
+    p.add_argument("--sizes", type=int, nargs="+", default=[416, 608])
+    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--train-runs", type=int, default=3)
+    p.add_argument("--train-size", type=int, default=416)
+    p.add_argument("--train-batch", type=int, default=2)
+    p.set_defaults(run=run_against)
+
+    for name in ("loss", "speed", "against"):
         commands.choices[name].add_argument(
             "--threads", type=int, help="torch CPU threads (default: torch's; 1 is steadier on a "
                                         "busy machine)")

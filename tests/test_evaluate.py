@@ -700,3 +700,25 @@ def test_prepare_leaves_a_training_model_alone_and_compile_needs_a_compiler(monk
     data = pytest.importorskip("data")
     with pytest.raises(data.UserError, match="--compile on a CPU needs a C\\+\\+ compiler"):
         ev.prepare_for_inference(model, compile=True)
+
+
+def test_against_report_states_ratios_and_roofline_fractions_by_hand():
+    """tests/bench.py against: ratio = ours / reference, GFLOP/s = GFLOPs / s, and its fraction of
+    the measured roofline; the JSON line holds the same figures."""
+    med = {("ours", "asff", 416): 360.0, ("ref", "asff", 416): 480.0,
+           ("ours", "baseline", 416): 330.0, ("ref", "baseline", 416): 400.0,
+           ("ours", "train", 416): 2800.0, ("ref", "train", 416): 3500.0}
+    flops = {("asff", 416): 81.0, ("baseline", 416): 70.0}
+    table, summary = bench.against_report(med, flops, 225.0, (416,), 416, 2)
+    assert summary["asff_ratio_416"] == 0.75 and summary["baseline_ratio_416"] == 0.825
+    assert summary["asff_roofline_fraction_416"] == 1.0           # 81 GFLOP in 0.36 s = 225
+    assert summary["asff_overhead_416"] == round(360 / 330 - 1, 4)
+    assert summary["train_step_ratio"] == 0.8 and "225.0 GFLOP/s" in table
+
+
+def test_import_checkout_gives_another_copy_of_the_modules():
+    import head
+    other = bench.import_checkout(str(Path(__file__).resolve().parents[1]))
+    assert other["head"].Detector is not head.Detector              # its own module objects
+    assert sys.modules["head"] is head                              # ours untouched
+    assert other["loss"].compute_loss.__module__ == "loss"
