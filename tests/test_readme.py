@@ -139,9 +139,13 @@ def quiet_detector(**config) -> head.Detector:
     return model
 
 
-def write_weights(path: Path) -> None:
-    """A file of the format its README name stands for."""
+def write_weights(path: Path, tiny: bool = False) -> None:
+    """A file of the format its README name stands for (tiny: a released ASFF detector of the
+    shortened runs' width and depth, for train.py --weights)."""
     name = path.name
+    if tiny and name.endswith(".pth"):
+        torch.save(small_released_state(head.Detector(80, fusion="asff", width=0.125, depth=0.33)), path)
+        return
     if name.endswith(".conv.74"):                              # darknet's backbone, tiny model
         backbone = head.Detector(5, width=0.125, depth=0.33).backbone
         darknet.write_darknet_weights(str(path), backbone.darknet_layers())
@@ -177,14 +181,14 @@ def work(tmp_path_factory):
 # ---------------------------------------------------------------------------------------------
 # Running one command
 # ---------------------------------------------------------------------------------------------
-def localise(args: list[str], ws: Path) -> list[str]:
+def localise(args: list[str], ws: Path, tiny: bool = False) -> list[str]:
     """/coco -> the fake COCO root; weight files named by the README written where it says."""
     args = [str(ws / "coco") + a[len("/coco"):] if a.startswith("/coco") else a for a in args]
     for flag in ("--weights", "--backbone"):
         if flag in args:
             path = Path(args[args.index(flag) + 1])
             if not path.exists() and not path.parts[0] == "runs":
-                write_weights(path)
+                write_weights(path, tiny)
     return args
 
 
@@ -208,6 +212,11 @@ def run_evaluate(args: list[str]) -> None:
     printed = out.getvalue()
     if "--show" in args:
         assert "figure3_" in printed
+    elif "--detect" in args:
+        out = Path(args[args.index("--out") + 1])
+        assert "detections.json" in printed and json.loads((out / "detections.json").read_text())
+    elif "--export" in args:
+        assert Path(args[args.index("--export") + 1]).is_file()
     elif "--test-dev" in args:
         assert "for the COCO test-dev server" in printed
     elif args:
@@ -242,8 +251,8 @@ SCRIPTS = {
     "darknet.py": lambda args: darknet._demo(),
     "head.py": lambda args: head._demo(sizes=(64,)),
     "loss.py": lambda args: loss._demo(),
-    "data.py": lambda args: data.demo(args[args.index("--out") + 1] if "--out" in args else "runs",
-                                      None, 0),
+    "data.py": lambda args: data.main(args) if "--check" in args else data.demo(
+        args[args.index("--out") + 1] if "--out" in args else "runs", None, 0),
 }
 
 
@@ -255,7 +264,8 @@ def test_readme_command_runs(argv, work):
         pytest.skip("a GPU command; no GPU here")
     assert argv[0] in ("python", "torchrun"), argv
     script = next(i for i, a in enumerate(argv) if a.endswith(".py"))
-    name, args = argv[script], localise(argv[script + 1:], work["root"])
+    name = argv[script]
+    args = localise(argv[script + 1:], work["root"], tiny=name == "train.py")
     if name == "train.py":
         run_train(args)
     elif name == "evaluate.py":
