@@ -193,8 +193,9 @@ def data_benchmark(n_images: int = 32, batches: int = 25, batch_size: int = 8, s
 # ---------------------------------------------------------------------------------------------
 def train_config(argv: list[str]) -> train.Config:
     """train.py's flags as a train.Config, without the CPU demo's settings (train.DEMO): the
-    benchmark times the model the flags describe, full size unless --width / --depth say less."""
-    with mock.patch.dict(train.DEMO, clear=True):
+    benchmark times the model the flags describe, full size unless --width / --depth say less
+    (--size-min 32: it times --size-max alone, which may then be below train.py's 320)."""
+    with mock.patch.dict(train.DEMO, {"size_min": 32}, clear=True):
         return train.parse_config(argv)
 
 
@@ -224,8 +225,8 @@ def train_benchmark(cfg: train.Config, steps: int, device: torch.device,
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     size, per_step = cfg.size_max, cfg.batch_size * cfg.accumulate
     batches = iter(random_batches((steps + 1) * cfg.accumulate, cfg.batch_size, size, num_classes))
-    step = lambda: train.train_step(model, model, batches, size, cfg, optimizer,  # noqa: E731
-                                    scaler, amp_dtype, device, 1)
+    parts = train.Parts(model, model, optimizer, scaler, amp_dtype, device)
+    step = lambda: train.train_step(parts, batches, size, cfg)  # noqa: E731
     seconds = [timed_ms(step, device)[0] / 1000 for _ in range(steps + 1)]
     timed = sorted(seconds[1:])
     median = timed[len(timed) // 2]

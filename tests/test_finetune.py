@@ -40,8 +40,8 @@ def first_model(monkeypatch, argv) -> dict:
     """The model's state as the run's first step receives it (nothing trained yet)."""
     seen = {}
 
-    def record(ddp, model, *args, **kwargs):
-        seen.update({k: v.clone() for k, v in model.state_dict().items()})
+    def record(parts, *args, **kwargs):
+        seen.update({k: v.clone() for k, v in parts.model.state_dict().items()})
         raise Started
 
     monkeypatch.setattr(train, "train_step", record)

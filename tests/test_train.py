@@ -21,6 +21,7 @@ import pytest
 import torch
 
 import bench
+import evaluate
 import train
 from head import Detector
 
@@ -110,8 +111,8 @@ def test_flags_reach_the_model_the_optimizer_and_the_loss(monkeypatch):
                                                                        for t in train.TERMS})
     batch = iter(bench.random_batches(1, 1, 64, 5))
     with pytest.raises(train.NonFiniteLoss):
-        train.train_step(model, model, batch, 64, train.parse_config(["--iou-form=-ln(iou)"]),
-                         None, None, None, torch.device("cpu"), 1)
+        parts = train.Parts(model, model, None, None, None, torch.device("cpu"))
+        train.train_step(parts, batch, 64, train.parse_config(["--iou-form=-ln(iou)"]))
     assert seen == ["-ln(iou)"]
     for bad in (["--schedule", "fast"], ["--anchors", "big"], ["--iou-form", "giou"]):
         with pytest.raises(SystemExit):
@@ -280,6 +281,16 @@ def test_demo_shortened_runs_end_to_end(tmp_path, monkeypatch):
     assert set(ckpt) >= {"model", "optimizer", "scaler", "ema", "rng", "config"}
     for key, value in model.state_dict().items():
         assert torch.equal(value, ckpt["model"][key]), key
+    # the settings evaluate.py reads: the Detector's arguments, the test size, the class names
+    assert ckpt["model_args"] == dict(num_classes=5, fusion="asff", guided=True, spp=True,
+                                      rfb=False, dropblock=False, width=0.25, depth=0.33,
+                                      anchors=None)
+    names = [c["name"] for c in json.loads(Path(train.data.make_synthetic()["val_json"]).read_text())
+             ["categories"]]
+    assert (ckpt["eval_size"], ckpt["class_names"], ckpt["cat_ids"]) == (192, names, [1, 2, 3, 4, 5])
+    loaded, saved = evaluate.load_detector(str(out / "last.pt"))     # no model flags needed
+    assert saved["eval_size"] == 192 and saved["class_names"] == names
+    assert all(torch.equal(v, ckpt["model"][k]) for k, v in loaded.state_dict().items())
 
 
 def test_resume_is_bit_identical(tmp_path):
@@ -366,7 +377,7 @@ def test_out_of_memory_names_the_size_and_batch(tmp_path, monkeypatch):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(train, "train_step", oom)
-    with pytest.raises(RuntimeError, match=r"input size 64 x 64, batch 2 per process"):
+    with pytest.raises(train.data.UserError, match=r"input size 64 x 64, batch 2 per process"):
         train.main(TINY + ["--size-min", "64", "--size-max", "64", "--out", str(tmp_path)])
 
 
@@ -560,7 +571,6 @@ def test_resume_of_a_bad_file_names_it_before_the_data_is_opened(tmp_path, monke
 
 
 def test_weights_and_backbone_of_a_bad_file_name_it(tmp_path):
-    import evaluate
     files = bad_files(tmp_path)
     for name in ("text", "empty", "missing"):
         path, problem = files[name]
@@ -584,6 +594,144 @@ def test_the_command_line_prints_one_line_and_exits_2_on_a_bad_file(tmp_path):
                           timeout=300, env=os.environ | {"OMP_NUM_THREADS": "1"})
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.strip() == f"error: {empty}: empty file, not a checkpoint"
+
+
+# ---------------------------------------------------------------------------------------------
+# Run folders, progress lines, the command line and its errors
+# ---------------------------------------------------------------------------------------------
+def test_resume_writes_into_the_checkpoints_folder_and_a_finished_run_stays_as_it_is(
+        tmp_path, monkeypatch, capsys):
+    """--resume alone continues with the checkpoint's settings in its folder (not the default
+    runs/demo/), its log appended to; the stop message names that folder; --out writes
+    elsewhere; resuming a finished run says so and changes no file."""
+    monkeypatch.chdir(tmp_path)                    # where a default --out would land
+    train.main(TINY + ["--max-iters", "1", "--out", "r1"])
+    real, calls = train.train_step, {"n": 0}
+
+    def step_then_signal(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train, "train_step", step_then_signal)
+    capsys.readouterr()
+    train.main(["--resume", "r1/last.pt", "--max-iters", "3"])
+    assert "saved r1/last.pt (continue with --resume r1/last.pt)" in capsys.readouterr().out
+    assert load("r1/last.pt")["iteration"] == 2 and not Path("runs").exists()
+    records = [json.loads(line) for line in Path("r1/log.jsonl").read_text().splitlines()]
+    assert [r.get("started", r.get("resumed")) for r in records if "config" in r] == [0, 1]
+    monkeypatch.setattr(train, "train_step", real)
+    train.main(["--resume", "r1/last.pt", "--max-iters", "3", "--out", "r2"])
+    assert load("r2/last.pt")["iteration"] == 3 and load("r1/last.pt")["iteration"] == 2
+    before = {p.name: p.read_bytes() for p in Path("r2").iterdir()}
+    capsys.readouterr()
+    assert train.main(["--resume", "r2/last.pt"]) is None          # --max-iters 3 is its own
+    assert "r2/last.pt: this run is finished (iteration 3" in capsys.readouterr().out
+    assert {p.name: p.read_bytes() for p in Path("r2").iterdir()} == before
+
+
+def test_a_new_run_refuses_a_folder_that_holds_a_run(tmp_path, capsys):
+    """Named with what to do, nothing touched; --exist-ok replaces the run: a fresh log."""
+    out = tmp_path / "run"
+    train.main(TINY + ["--max-iters", "1", "--out", str(out)])
+    before = (out / "last.pt").read_bytes()
+    with pytest.raises(train.data.UserError) as e:
+        train.main(TINY + ["--max-iters", "2", "--out", str(out)])
+    assert str(e.value) == (f"{out} already holds a run (last.pt, best.pt, log.jsonl, metrics.json, "
+                            f"figure3_demo.png): continue it with --resume {out / 'last.pt'}, give "
+                            "a new --out, or --exist-ok to replace it")
+    assert (out / "last.pt").read_bytes() == before
+    capsys.readouterr()
+    train.main(TINY + ["--max-iters", "2", "--out", str(out), "--exist-ok"])
+    assert "--exist-ok: removed the previous run's last.pt" in capsys.readouterr().out
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert sum("config" in r for r in log) == 1 and log[0]["started"] == 0
+    assert load(out / "last.pt")["iteration"] == 2
+
+
+def test_progress_lines_at_iteration_1_and_a_signal_acknowledged_at_once(tmp_path, monkeypatch,
+                                                                           capsys):
+    """With --log-every 10 the first line still comes after iteration 1 (speed and ETA), then
+    the last; SIGTERM is acknowledged as it arrives, before the step under way ends."""
+    train.main(TINY + ["--max-iters", "3", "--log-every", "10", "--out", str(tmp_path / "a")])
+    lines = [line for line in capsys.readouterr().out.splitlines() if " iter " in line]
+    assert [line.split(" iter ")[1].split()[0] for line in lines] == ["1/3", "3/3"]
+    assert re.search(r"\| [0-9.]+ img/s \| ETA [0-9.]+ min \|", lines[0])
+    real, said = train.train_step, []
+
+    def signal_inside_the_step(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)       # handled here, between two bytecodes
+        said.append(capsys.readouterr().out)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train, "train_step", signal_inside_the_step)
+    train.main(TINY + ["--max-iters", "3", "--out", str(tmp_path / "b")])
+    assert "SIGTERM: stopping after this step, then saving last.pt" in said[0]
+    assert len(said) == 1 and "stopped by signal at iteration 1" in capsys.readouterr().out
+
+
+def test_help_shows_defaults_the_demo_values_and_examples(capsys):
+    with pytest.raises(SystemExit) as e:
+        train.parse_config(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert e.value.code == 0 and "or on the built-in synthetic shapes. options:" in text
+    assert "[default: 608; the demo: 192]" in text                         # --eval-size
+    assert "examples:" in text and "--no-mixup --no-augment" in text       # the demo's flags
+    assert "[default: asff]" in text and "[default: none]" in text
+
+
+def test_abbreviations_and_bad_values_are_refused(capsys):
+    for argv, message in ((["--epoch", "3"], "unrecognized arguments: --epoch 3"),
+                          (["--max-iter", "3"], "unrecognized arguments: --max-iter 3"),
+                          (["--fusion", "mean"], "invalid choice: 'mean'")):
+        with pytest.raises(SystemExit) as e:
+            train.parse_config(argv)
+        assert e.value.code == 2 and message in capsys.readouterr().err
+    for argv, message in ((["--size-max", "200"], "--size-max 200: input sizes are multiples of "
+                                                  "32 (the coarsest stride), e.g. 192 or 224"),
+                          (["--size-min", "100"], "--size-min 100: input sizes are multiples"),
+                          (["--eval-size", "16"], "--eval-size 16: input sizes are multiples"),
+                          (["--size-min", "256", "--size-max", "224"], "--size-min over --size-max"),
+                          (["--batch-size", "0", "--nms", "1.5"], "out of range: --batch-size 0: 1 "
+                                                                  "or more; --nms 1.5: in [0, 1]"),
+                          (["--train-ann", "a.json"], "a custom set needs all of")):
+        with pytest.raises(train.data.UserError) as e:
+            train.parse_config(argv)
+        assert message in str(e.value), str(e.value)
+
+
+def test_user_errors_end_in_one_line_without_a_traceback(tmp_path):
+    """`python train.py ...` with a mistake: exit status 2, one line on stderr naming the
+    flag or file and the problem; --debug adds the traceback."""
+    paths = train.data.make_synthetic(str(tmp_path / "set"), n_train=4, n_val=2, image_size=64)
+    bad_json = tmp_path / "train.json"
+    bad_json.write_text('{"images": [')
+    text = tmp_path / "notes.pt"
+    text.write_text("not a checkpoint\n")
+    missing = json.loads(Path(paths["train_json"]).read_text())
+    missing["images"][0]["file_name"] = "gone.png"
+    (tmp_path / "missing.json").write_text(json.dumps(missing))
+    custom = ["--train-images", paths["train_images"], "--val-images", paths["val_images"],
+              "--val-ann", paths["val_json"], "--train-ann"]
+    cases = [(["--data", "/nonexistent"], "--data /nonexistent: no such folder"),
+             (custom + [str(bad_json)], f"{bad_json}: "),
+             (custom + [str(tmp_path / "missing.json")], "image files are missing"),
+             (["--resume", str(text)], f"{text}: not a checkpoint"),
+             (["--size-max", "200"], "--size-max 200: input sizes are multiples of 32"),
+             (["--fusion", "mean"], "invalid choice: 'mean'"),
+             (["--epoch", "3"], "unrecognized arguments: --epoch 3"),
+             (["--resume", str(text), "--debug"], "Traceback")]
+    runs = [subprocess.Popen([sys.executable, "train.py", *argv, "--out", str(tmp_path / "run")],
+                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env=os.environ | {"OMP_NUM_THREADS": "1"}) for argv, _ in cases]
+    for (argv, message), run in zip(cases, runs, strict=True):
+        out, err = run.communicate(timeout=300)
+        assert run.returncode in (1, 2) and message in err, (argv, out, err)
+        if "--debug" not in argv:
+            assert run.returncode == 2 and len(err.strip().splitlines()) == 1, (argv, err)
+            assert "Traceback" not in out + err
+    assert not (tmp_path / "run" / "log.jsonl").exists()
 
 
 # ---------------------------------------------------------------------------------------------
