@@ -81,8 +81,9 @@ class ConvBN(nn.Module):
         if getattr(self.bn, "running_var", None) is None:
             raise ValueError(f"fuse_bn folds a BatchNorm with running statistics, not {self.bn}")
         scale = self.bn.weight / torch.sqrt(self.bn.running_var + self.bn.eps)  # (c_out,)
-        fused = nn.Conv2d(self.conv.in_channels, self.conv.out_channels, self.conv.kernel_size,
-                          self.conv.stride, self.conv.padding, bias=True).to(self.conv.weight)
+        fused = nn.utils.skip_init(nn.Conv2d, self.conv.in_channels, self.conv.out_channels,  # no
+                                   self.conv.kernel_size, self.conv.stride, self.conv.padding,  # RNG
+                                   bias=True, device=self.conv.weight.device).to(self.conv.weight)
         fused.weight.copy_(self.conv.weight * scale[:, None, None, None])
         fused.bias.copy_(self.bn.bias - self.bn.running_mean * scale)
         self.conv, self.bn = fused, nn.Identity()

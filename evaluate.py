@@ -162,12 +162,18 @@ def prepare_for_inference(model: Detector, fold: bool = True, channels_last: boo
     if channels_last:
         model.to(memory_format=torch.channels_last)
     if compile:
-        if next(model.parameters()).device.type == "cpu" and not any(
-                shutil.which(c) for c in (os.environ.get("CXX", "c++"), "g++", "clang++")):
-            raise data.UserError("--compile on a CPU needs a C++ compiler (torch inductor builds "
-                                 "its kernels with it); none found: install g++ or drop --compile")
-        model.forward = torch.compile(model.forward)
+        model.forward = compiled(model.forward, next(model.parameters()).device)
     return model
+
+
+def compiled(forward, device: torch.device):
+    """torch.compile(forward); on a CPU, inductor builds its kernels with a C++ compiler, so
+    without one it is refused here rather than failing at the first call."""
+    if device.type == "cpu" and not any(
+            shutil.which(c) for c in (os.environ.get("CXX", "c++"), "g++", "clang++")):
+        raise data.UserError("--compile on a CPU needs a C++ compiler (torch inductor builds its "
+                             "kernels with it); none found: install g++ or drop --compile")
+    return torch.compile(forward)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -125,6 +125,10 @@ class Config:
     amp: str = opt("auto", "mixed precision; auto: bf16 on a GPU that has it, else fp16 with a "
                            "GradScaler; none on CPU", choices=("auto", "none", "bf16", "fp16"))
     freeze_bn: bool = opt(False, "BatchNorm in eval mode: fixed statistics (tiny batches)")
+    channels_last: bool = opt(True, "NHWC tensors for the convolutions: faster on CPUs (oneDNN) "
+                                    "and on GPUs (tensor cores); the same function")
+    compile: bool = opt(False, "torch.compile the model's forward (the first steps are slow; a "
+                               "CPU needs a C++ compiler)")
     # the run
     workers: int = opt(4, "DataLoader worker processes per rank")
     threads: int = opt(0, "torch CPU threads per process (0: torch's choice, one per core; on a "
@@ -371,7 +375,8 @@ def train_step(parts: Parts, batches, size: int, cfg: Config) -> dict[str, float
     for k in range(cfg.accumulate):
         images, targets = next(batches)                                   # (B, 3, S0, S0)
         images, targets = data.resize_batch(images, targets, size)         # (B, 3, size, size)
-        images = images.to(device, non_blocking=True)
+        layout = torch.channels_last if cfg.channels_last else torch.contiguous_format
+        images = images.to(device, non_blocking=True, memory_format=layout)  # (B, 3, size, size)
         targets = [t.to(device) for t in targets]                          # B x (N_b, 6)
         last = k == cfg.accumulate - 1
         with parts.ddp.no_sync() if world > 1 and not last else nullcontext():
@@ -569,6 +574,8 @@ def set_up(cfg: Config, ckpt: dict | None, plan: Plan, rank: int, world: int,
     SGD on the weight-decay groups, mixed precision; DDP with SyncBN (Sec. 3.1) on GPUs."""
     weights_from = cfg if ckpt is None else dataclasses.replace(cfg, backbone="", weights="")
     model = build_model(weights_from, len(plan.train_data.cat_ids)).to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     ema = copy.deepcopy(model).eval().requires_grad_(False) if cfg.ema else None
     optimizer = torch.optim.SGD(param_groups(model, cfg.weight_decay, cfg.decay_all), lr=0.0,
                                 momentum=cfg.momentum)
@@ -584,6 +591,8 @@ def set_up(cfg: Config, ckpt: dict | None, plan: Plan, rank: int, world: int,
         sync = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model) if device.type == "cuda" else model
         parts.ddp = DistributedDataParallel(sync, device_ids=[device.index] if device.type == "cuda"
                                             else None)    # CPU (gloo) has no SyncBN
+    if cfg.compile:
+        parts.ddp = evaluate.compiled(parts.ddp, device)
     set_train_mode(model, cfg.freeze_bn)
     return parts, progress
 
@@ -680,7 +689,7 @@ EXAMPLES = """examples:
 The README lists the paper's rows (Tables 1-4) as flags.
 """
 RESUME_MAY_DIFFER = ("out", "resume", "max_iters", "log_every", "eval_every", "workers", "threads",
-                     "exist_ok", "debug",
+                     "exist_ok", "debug", "channels_last", "compile",  # how, not what, it computes
                      "benchmark")    # benchmark: a field of checkpoints older than tests/bench.py
 AT_LEAST = {"epochs": 1, "batch_size": 1, "accumulate": 1, "size_every": 1, "log_every": 1,
             "eval_every": 1, "synthetic_train": 1, "synthetic_val": 1, "workers": 0, "threads": 0,

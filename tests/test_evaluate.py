@@ -694,8 +694,10 @@ def test_prepare_leaves_a_training_model_alone_and_compile_needs_a_compiler(monk
     head = pytest.importorskip("head")
     model = head.Detector(3, fusion="asff", width=0.125, depth=0.33).train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
     ev.prepare_for_inference(model)
     assert model.training and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert torch.equal(torch.get_rng_state(), rng)    # folding draws nothing: resume stays exact
     monkeypatch.setattr(ev.shutil, "which", lambda name: None)
     data = pytest.importorskip("data")
     with pytest.raises(data.UserError, match="--compile on a CPU needs a C\\+\\+ compiler"):
