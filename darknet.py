@@ -197,15 +197,16 @@ class Pyramid(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# darknet's binary weight files
+# Plumbing: darknet's binary weight files
 # ---------------------------------------------------------------------------------------------
-# Layout: an int32 header (major, minor, revision), a "seen" counter (int64 when
-# major * 10 + minor >= 2, else int32), then for each conv layer in cfg order: with BN
-# [beta, gamma, running_mean, running_var], without BN [bias]; then the conv weights
-# (out, in, k, k) flattened, all float32 little-endian.
-
 def read_darknet_weights(path: str, layers: list[tuple[nn.Conv2d, nn.BatchNorm2d | None]]) -> int:
-    """Copy darknet weights into `layers`; returns the number of floats read. Errors name the file."""
+    """Copy darknet weights into `layers`; returns the number of floats read. Errors name the file.
+
+    Layout: an int32 header (major, minor, revision), a "seen" counter (int64 when
+    major * 10 + minor >= 2, else int32), then for each conv layer in cfg order: with BN
+    [beta, gamma, running_mean, running_var], without BN [bias]; then the conv weights
+    (out, in, k, k) flattened, all float32 little-endian.
+    """
     with open(path, "rb") as f:
         header = np.fromfile(f, dtype="<i4", count=3)
         if header.size < 3:
@@ -240,6 +241,9 @@ def write_darknet_weights(path: str, layers: list[tuple[nn.Conv2d, nn.BatchNorm2
                 t.detach().cpu().float().numpy().astype("<f4").tofile(f)
 
 
+# ---------------------------------------------------------------------------------------------
+# `python darknet.py`: shapes and parameter counts at 416 x 416
+# ---------------------------------------------------------------------------------------------
 def _demo() -> None:
     backbone, pyramid = DarkNet53().eval(), Pyramid().eval()
     x = torch.randn(1, 3, 416, 416)

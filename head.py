@@ -1,41 +1,32 @@
 """The detection head with guided anchoring, and the composed detector - paper Sec. 3.1 and 3.4.
 
 Per pyramid level (stride 32, 16, 8), as the ASFF authors released it:
-    S = 4 prediction slots per position: 3 anchor-based slots (the level's 3 of the 9 anchors)
-        and slot 3, an anchor-free slot whose base size is 4 x stride (FSAF-style, Sec. 3.1).
-    guided anchoring (Wang et al. 2019): a 1x1 conv predicts each slot's shape as log factors
-        (gw, gh); the slot's anchor becomes A * exp(g) (`anchor_shapes`).
-    feature adaption: a grouped 1x1 conv turns the *detached* shape prediction into the offsets
-        of a 3x3 deformable conv with one deformable group per slot (`deform_conv2d`, plain
-        PyTorch, no compiled extension). ASFF* runs an RFB block before it.
+    S = 4 slots per position: the level's 3 of the 9 anchors, and slot 3, anchor-free with base
+        size 4 x stride (FSAF-style, Sec. 3.1).
+    guided anchoring (Wang et al. 2019): a 1x1 conv predicts each slot's log-shape
+        anchor_log = (gw, gh); the slot's anchor becomes A * exp(g) (`anchor_shapes`).
+    feature adaption: a grouped 1x1 conv turns the *detached* anchor_log into the offsets of a
+        3x3 deformable conv, one deformable group per slot (`deform_conv2d`, plain PyTorch);
+        ASFF* runs an RFB block before it.
     prediction: a 1x1 conv gives S x (5 + C) channels, slot-major: [tx, ty, tw, th, obj, cls...].
-
-Decoding (`decode_level`), for slot k at column i, row j:
-    cx = (sigmoid(tx) + i) * stride,  cy = (sigmoid(ty) + j) * stride
-    w = exp(tw) * exp(gw) * A_w,      h = exp(th) * exp(gh) * A_h,   obj, cls = sigmoid(.)
+    decoding (`decode_level`), slot k at column i, row j:
+        cx = (sigmoid(tx) + i) * stride,  cy = (sigmoid(ty) + j) * stride
+        w = exp(tw) * exp(gw) * A_w,      h = exp(th) * exp(gh) * A_h,   obj, cls = sigmoid(.)
 
 Public entry points:
     Detector(num_classes=80, fusion=None | "sum" | "concat" | "asff", guided=True, spp=True,
              rfb=False, dropblock=False, width=1.0, depth=1.0, anchors=None)
         train mode: (B, 3, H, W) -> {stride: {"pred": (B, S, 5+C, H/s, W/s),
-                                              "shape": (B, S, 2, H/s, W/s) or None}}
+                                              "anchor_log": (B, S, 2, H/s, W/s) or None}}
         eval mode:  (B, 3, H, W) -> (B, N, 5+C) [cx, cy, w, h, obj, cls...] in input pixels,
                     levels s32, s16, s8, each ordered slot, row, column (the release's order)
         fusion_maps(x) -> {stride: {"weights": (B, 3, h, w), "fused": (B, h, w)}}  (Figure 3)
         set_dropblock(block_sizes, keep_prob), fuse_conv_bn(), darknet_layers()
-    Configurations used in the paper:
-        original YOLOv3 (Table 1 row 1): Detector(fusion=None, guided=False, spp=False)
-        strong baseline (Sec. 3.1):      Detector(fusion=None)
-        YOLOv3 + ASFF (Table 3):         Detector(fusion="asff")
-        ASFF* (Table 4):                 Detector(fusion="asff", rfb=True, dropblock=True)
+        YOLOv3 (Table 1 row 1): guided=False, spp=False; strong baseline (Sec. 3.1): the defaults;
+        + ASFF (Table 3): fusion="asff"; ASFF* (Table 4): also rfb=True, dropblock=True.
     load_released(model, path_or_state_dict): the authors' checkpoints through one key map.
     transfer_weights(model, state, source): a whole detector of another class count (fine-tuning).
     decode_level, anchor_shapes, deform_conv2d, init_weights.
-
-Anchors: the released darknet models were all trained with (121, 240) as the ninth anchor
-instead of YOLOv3's (373, 326) (the authors' README calls it a "wrong anchor setting"). Their
-checkpoints decode correctly only with it, so it is the default for the guided head; the
-original-YOLOv3 configuration uses darknet's anchors, as darknet's yolov3.weights expect.
 """
 
 import torch
@@ -45,9 +36,9 @@ from torch import nn
 from asff import ASFF, ConvBN
 from darknet import DarkNet53, Pyramid, scale_channels
 
-RELEASED_ANCHORS = ((10, 13), (16, 30), (33, 23), (30, 61), (62, 45), (42, 119),
-                    (116, 90), (156, 198), (121, 240))
-DARKNET_ANCHORS = RELEASED_ANCHORS[:8] + ((373, 326),)
+RELEASED_ANCHORS = ((10, 13), (16, 30), (33, 23), (30, 61), (62, 45), (42, 119),  # guided default:
+                    (116, 90), (156, 198), (121, 240))   # the checkpoints decode only with this 9th
+DARKNET_ANCHORS = RELEASED_ANCHORS[:8] + ((373, 326),)    # YOLOv3's, as darknet's yolov3.weights
 ANCHOR_SETS = {"released": RELEASED_ANCHORS, "yolov3": DARKNET_ANCHORS}
 ANCHOR_MASKS = {32: (6, 7, 8), 16: (3, 4, 5), 8: (0, 1, 2)}
 STRIDES = (32, 16, 8)
@@ -59,15 +50,12 @@ FREE_SLOT_SCALE = 4          # the anchor-free slot's base size is 4 x stride (1
 # ---------------------------------------------------------------------------------------------
 def deform_conv2d(x: torch.Tensor, offset: torch.Tensor, weight: torch.Tensor,
                   bias: torch.Tensor | None, groups: int) -> torch.Tensor:
-    """3x3 (or k x k) stride-1 'same' deformable conv with `groups` deformable groups.
-
-    x (B, C, H, W); offset (B, groups * 2 * k * k, H, W) where, within group g, channel 2t holds
-    the dy and 2t+1 the dx of tap t = k * row + col; weight (C_out, C, k, k). Channel block g of
-    x is sampled at the positions of offset group g, bilinearly, reading zeros outside the map.
-    """
+    """k x k stride-1 'same' deformable conv with `groups` deformable groups. x (B, C, H, W);
+    offset (B, groups * 2 * k * k, H, W): in group g, channel 2t is the dy and 2t+1 the dx of tap
+    t = k * row + col; weight (C_out, C, k, k). Channel block g of x is sampled at offset group
+    g's positions, bilinearly, reading zeros outside the map."""
     B, C, H, W = x.shape
-    k = weight.shape[-1]
-    taps = k * k
+    k, taps = weight.shape[-1], weight.shape[-1] ** 2
     off = offset.view(B, groups, taps, 2, H, W)                              # (B, G, k*k, 2, H, W)
     rows = torch.arange(taps, device=x.device) // k - (k - 1) // 2           # (k*k,) tap dy
     cols = torch.arange(taps, device=x.device) % k - (k - 1) // 2            # (k*k,) tap dx
@@ -94,19 +82,15 @@ class DeformConv2d(nn.Module):
     def __init__(self, c_in: int, c_out: int, k: int, groups: int):
         super().__init__()
         template = nn.Conv2d(c_in, c_out, k)               # borrow PyTorch's default init
-        self.weight, self.bias = template.weight, template.bias
-        self.groups = groups
+        self.weight, self.bias, self.groups = template.weight, template.bias, groups
 
     def forward(self, x: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
         return deform_conv2d(x, offset, self.weight, self.bias, self.groups)
 
 
 class RFB(nn.Module):
-    """Receptive field block of ASFF* as released: 4 linear branches of C/4 channels, concatenated.
-
-    No BatchNorm, no activation and no residual (the release's exact form); it runs on the
-    head input before the deformable conv.
-    """
+    """ASFF*'s receptive field block as released: 4 linear branches of C/4 channels, concatenated
+    (no BatchNorm, activation or residual); it runs on the head input before the deformable conv."""
 
     def __init__(self, c: int):
         super().__init__()
@@ -138,29 +122,29 @@ class Head(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         B, _, H, W = x.shape
-        shape = None
+        anchor_log = None
         if self.guided:
-            shape = self.guide(x)                                              # (B, 2S, H, W)
+            anchor_log = self.guide(x)                                         # (B, 2S, H, W)
             feature = self.rfb(x) if self.rfb is not None else x               # (B, C, H, W)
-            x = self.dconv(feature, self.offset(shape.detach()))               # (B, C, H, W)
-            shape = shape.view(B, self.n_slots, 2, H, W)                       # (B, S, 2, H, W)
+            x = self.dconv(feature, self.offset(anchor_log.detach()))          # (B, C, H, W)
+            anchor_log = anchor_log.view(B, self.n_slots, 2, H, W)             # (B, S, 2, H, W)
         pred = self.pred(x).view(B, self.n_slots, -1, H, W)                    # (B, S, 5+C, H, W)
-        return pred, shape
+        return pred, anchor_log
 
 
 # ---------------------------------------------------------------------------------------------
 # Decoding (eval mode, loss.py and evaluate.py share it)
 # ---------------------------------------------------------------------------------------------
-def anchor_shapes(shape: torch.Tensor | None, slot_sizes: torch.Tensor, grid: tuple[int, int],
-                  ) -> torch.Tensor:
+def anchor_shapes(anchor_log: torch.Tensor | None, slot_sizes: torch.Tensor,
+                  grid: tuple[int, int]) -> torch.Tensor:
     """Guided anchor (w, h) of every slot and cell: A * exp(g) -> (B or 1, S, H, W, 2)."""
     base = slot_sizes.view(1, -1, 1, 1, 2)                                     # (1, S, 1, 1, 2)
-    if shape is None:                                                          # plain YOLOv3
+    if anchor_log is None:                                                     # plain YOLOv3
         return base.expand(1, -1, grid[0], grid[1], 2)
-    return base * torch.exp(shape.permute(0, 1, 3, 4, 2))                      # (B, S, H, W, 2)
+    return base * torch.exp(anchor_log.permute(0, 1, 3, 4, 2))                 # (B, S, H, W, 2)
 
 
-def decode_level(pred: torch.Tensor, shape: torch.Tensor | None, stride: int,
+def decode_level(pred: torch.Tensor, anchor_log: torch.Tensor | None, stride: int,
                  slot_sizes: torch.Tensor) -> torch.Tensor:
     """Raw predictions of one level -> (B, S, H, W, 5+C) [cx, cy, w, h, obj, cls...] in pixels."""
     B, S, _, H, W = pred.shape
@@ -169,7 +153,7 @@ def decode_level(pred: torch.Tensor, shape: torch.Tensor | None, stride: int,
     i = torch.arange(W, device=p.device, dtype=p.dtype).view(1, 1, 1, W)       # column index
     cx = (torch.sigmoid(p[..., 0]) + i) * stride                               # (B, S, H, W)
     cy = (torch.sigmoid(p[..., 1]) + j) * stride                               # (B, S, H, W)
-    wh = torch.exp(p[..., 2:4]) * anchor_shapes(shape, slot_sizes.to(p), (H, W))  # (B, S, H, W, 2)
+    wh = torch.exp(p[..., 2:4]) * anchor_shapes(anchor_log, slot_sizes.to(p), (H, W))  # (B, S, H, W, 2)
     scores = torch.sigmoid(p[..., 4:])                                         # (B, S, H, W, 1+C)
     return torch.cat([cx[..., None], cy[..., None], wh, scores], dim=-1)       # (B, S, H, W, 5+C)
 
@@ -179,10 +163,7 @@ def decode_level(pred: torch.Tensor, shape: torch.Tensor | None, stride: int,
 # ---------------------------------------------------------------------------------------------
 class Detector(nn.Module):
     """DarkNet-53 + YOLOv3 pyramid + optional fusion (sum / concat / ASFF) + per-level heads.
-
-    anchors: None (the released set with guided anchoring, darknet's without), a name of
-    ANCHOR_SETS ("released": ninth (121, 240); "yolov3": ninth (373, 326)) or 9 (w, h) pairs.
-    """
+    anchors: None (guided: "released", else "yolov3"), a name of ANCHOR_SETS or 9 (w, h) pairs."""
 
     def __init__(self, num_classes: int = 80, fusion: str | None = None, guided: bool = True,
                  spp: bool = True, rfb: bool = False, dropblock: bool = False,
@@ -191,8 +172,7 @@ class Detector(nn.Module):
         self.num_classes, self.fusion_mode, self.guided = num_classes, fusion, guided
         self.dropblock, self.strides = dropblock, STRIDES
         self.n_slots = 4 if guided else 3
-        if isinstance(anchors, str):                   # "released" or "yolov3" (ANCHOR_SETS)
-            anchors = ANCHOR_SETS[anchors]
+        anchors = ANCHOR_SETS[anchors] if isinstance(anchors, str) else anchors  # "released"/"yolov3"
         anchors = anchors or (RELEASED_ANCHORS if guided else DARKNET_ANCHORS)
         self.anchors = torch.tensor(anchors, dtype=torch.float32)              # (9, 2) w, h
         self.backbone = DarkNet53(width, depth)
@@ -205,8 +185,7 @@ class Detector(nn.Module):
                                           "s16": ConvBN(self.pyramid.channels[16], head_c[16], 3),
                                           "s8": nn.Identity()})
         else:
-            # The released ASFF's `expand` conv replaces those 3x3 convs (8 weight channels with
-            # RFB, "to save memory" in the release).
+            # ASFF's `expand` conv replaces them (8 weight channels with RFB: "to save memory").
             self.fusion = nn.ModuleDict({f"s{s}": ASFF(self.pyramid.channels, s, head_c[s],
                                                        weight_channels=8 if rfb else 16,
                                                        mode=fusion) for s in STRIDES})
@@ -217,10 +196,9 @@ class Detector(nn.Module):
     def slot_sizes(self, stride: int) -> torch.Tensor:
         """Base (w, h) in pixels of each slot at this level: its 3 anchors (+ 4*stride free slot)."""
         sizes = self.anchors[list(ANCHOR_MASKS[stride])]                       # (3, 2)
-        if self.guided:
-            free = torch.full((1, 2), float(FREE_SLOT_SCALE * stride))
-            sizes = torch.cat([sizes, free])                                   # (4, 2)
-        return sizes
+        if not self.guided:
+            return sizes
+        return torch.cat([sizes, torch.full((1, 2), float(FREE_SLOT_SCALE * stride))])  # (4, 2)
 
     def features(self, images: torch.Tensor) -> dict[int, torch.Tensor]:
         """Head inputs by stride: backbone -> pyramid -> fusion (or YOLOv3's 3x3 convs)."""
@@ -233,16 +211,14 @@ class Detector(nn.Module):
         feats = self.features(images)
         raw = {}
         for s in STRIDES:
-            pred, shape = self.heads[f"s{s}"](feats[s])                       # (B, S, 5+C, h, w)
-            raw[s] = {"pred": pred, "shape": shape}
+            pred, anchor_log = self.heads[f"s{s}"](feats[s])                  # (B, S, 5+C, h, w)
+            raw[s] = {"pred": pred, "anchor_log": anchor_log}                  # + (B, S, 2, h, w)
         return raw if self.training else self.decode(raw)
 
     def decode(self, raw: dict) -> torch.Tensor:
         """Raw per-level predictions -> (B, N, 5+C) rows in the release's order."""
-        rows = []
-        for s in STRIDES:
-            d = decode_level(raw[s]["pred"], raw[s]["shape"], s, self.slot_sizes(s))
-            rows.append(d.flatten(1, 3))                                       # (B, S*h*w, 5+C)
+        rows = [decode_level(raw[s]["pred"], raw[s]["anchor_log"], s, self.slot_sizes(s)).flatten(1, 3)
+                for s in STRIDES]                                              # (B, S*h*w, 5+C) each
         return torch.cat(rows, dim=1)                                          # (B, N, 5+C)
 
     @torch.no_grad()
@@ -260,9 +236,8 @@ class Detector(nn.Module):
 
     def set_dropblock(self, block_sizes: dict[int, int], keep_prob: float) -> None:
         """ASFF* schedule hook: block size per stride and keep probability (no-op without DropBlock)."""
-        if not self.dropblock:
-            return
-        for s, block in self.pyramid.dropblocks().items():
+        blocks = self.pyramid.dropblocks() if self.dropblock else {}
+        for s, block in blocks.items():
             block.block_size, block.keep_prob = block_sizes[s], keep_prob
 
     def fuse_conv_bn(self) -> "Detector":
@@ -278,14 +253,12 @@ class Detector(nn.Module):
         if self.guided or self.fusion_mode is not None or self.pyramid.s32.spp is not None:
             raise ValueError("darknet's layout is the original YOLOv3: "
                              "Detector(fusion=None, guided=False, spp=False)")
-        p = self.pyramid
-        pairs = lambda blocks: [(b.conv, b.bn) for b in blocks]  # noqa: E731
-        out = self.backbone.darknet_layers()
-        out += pairs(p.s32.convs() + [self.head_in["s32"]]) + [(self.heads["s32"].pred, None)]
-        out += pairs([p.s16_lateral] + p.s16.convs() + [self.head_in["s16"]])
-        out += [(self.heads["s16"].pred, None)]
-        out += pairs([p.s8_lateral] + p.s8.convs() + [p.s8_out]) + [(self.heads["s8"].pred, None)]
-        return out
+        p, pairs = self.pyramid, lambda blocks: [(b.conv, b.bn) for b in blocks]
+        pred = lambda s: [(self.heads[f"s{s}"].pred, None)]
+        return (self.backbone.darknet_layers()
+                + pairs(p.s32.convs() + [self.head_in["s32"]]) + pred(32)
+                + pairs([p.s16_lateral] + p.s16.convs() + [self.head_in["s16"]]) + pred(16)
+                + pairs([p.s8_lateral] + p.s8.convs() + [p.s8_out]) + pred(8))
 
 
 def init_weights(model: nn.Module) -> None:
@@ -301,56 +274,45 @@ def init_weights(model: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
+# ---------------------------------------------------------------------------------------------
+# Plumbing: fine-tuning from a detector of another class count (train.py --weights)
+# ---------------------------------------------------------------------------------------------
 def transfer_weights(model: "Detector", state: dict[str, torch.Tensor], source: str) -> dict:
-    """Start a fine-tuning run from a whole detector of another class count (train.py --weights).
-
-    `state` is a Detector state dict of the same architecture as `model` but any class count.
-    Tensors of equal shape are copied. The 1x1 prediction convs (S x (5 + C) outputs, slot-major)
-    keep each slot's [tx, ty, tw, th, obj] rows from the file and the class rows that `model`
-    was built with (its fresh init, for the new classes). Anything else that differs is an error
-    naming the key, the file and both shapes. Returns {"loaded": keys, "reinitialised": keys}.
-    """
+    """Copy a state dict of `model`'s architecture, any class count: the prediction convs keep each
+    slot's [tx, ty, tw, th, obj] rows from the file and `model`'s fresh class rows; any other
+    shape difference names the key, the file and both shapes. -> {"loaded", "reinitialised": keys}"""
     ours = model.state_dict()
     for key in sorted(set(state) ^ set(ours)):
         where = "only in the file" if key in state else "missing from the file"
         raise ValueError(f"{source}: key {key} is {where}: the file holds another architecture "
                          "(fusion, guided, SPP, RFB?)")
-    merged, report = {}, {"loaded": [], "reinitialised": []}
+    merged, report, S = {}, {"loaded": [], "reinitialised": []}, model.n_slots
     for key, target in ours.items():
         tensor = state[key].to(target.dtype)
         if tensor.shape == target.shape:
-            merged[key] = tensor
-            report["loaded"].append(key)
-        elif _is_class_rows_change(key, tensor, target, model.n_slots):
-            S = model.n_slots
+            merged[key], kind = tensor, "loaded"
+        elif key.endswith((".pred.weight", ".pred.bias")) and tensor.shape[1:] == target.shape[1:] \
+                and tensor.shape[0] % S == 0 and tensor.shape[0] // S > 5:   # only C differs
             rows = target.clone().view(S, -1, *target.shape[1:])          # (S, 5+C_new, ...)
             rows[:, :5] = tensor.view(S, -1, *tensor.shape[1:])[:, :5]     # box + objectness
-            merged[key] = rows.view_as(target)
-            report["reinitialised"].append(key)
+            merged[key], kind = rows.view_as(target), "reinitialised"
         else:
             raise ValueError(f"{source}: key {key} has shape {tuple(tensor.shape)}, the model "
                              f"needs {tuple(target.shape)} (another width or depth?)")
+        report[kind].append(key)
     model.load_state_dict(merged)
     return report
 
 
-def _is_class_rows_change(key: str, tensor: torch.Tensor, target: torch.Tensor, n_slots: int) -> bool:
-    """A prediction conv whose only difference is the number of class rows per slot."""
-    return key.split(".")[-2:] in (["pred", "weight"], ["pred", "bias"]) and \
-        tensor.shape[1:] == target.shape[1:] and tensor.shape[0] % n_slots == 0 and \
-        tensor.shape[0] // n_slots > 5
-
-
 # ---------------------------------------------------------------------------------------------
-# The authors' released checkpoints
+# Plumbing: the authors' released checkpoints, through one key map
 # ---------------------------------------------------------------------------------------------
 BN_LEAVES = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 
 
 def _conv_block(released: str, ours: str) -> dict[str, str]:
-    keys = {f"{released}.conv.weight": f"{ours}.conv.weight"}
-    keys.update({f"{released}.batch_norm.{leaf}": f"{ours}.bn.{leaf}" for leaf in BN_LEAVES})
-    return keys
+    return {f"{released}.conv.weight": f"{ours}.conv.weight",
+            **{f"{released}.batch_norm.{leaf}": f"{ours}.bn.{leaf}" for leaf in BN_LEAVES}}
 
 
 def _plain_conv(released: str, ours: str) -> dict[str, str]:
@@ -361,9 +323,8 @@ def _backbone_map(model: Detector) -> dict[str, str]:
     """module_list.0-10 -> backbone.*: stem, then (down conv, residual units) per stage."""
     keys = _conv_block("module_list.0", "backbone.stem")
     for k in range(1, 6):
-        stage = getattr(model.backbone, f"stage{k}")
         keys.update(_conv_block(f"module_list.{2 * k - 1}", f"backbone.stage{k}.down"))
-        for u in range(len(stage.units)):
+        for u in range(len(getattr(model.backbone, f"stage{k}").units)):
             released, ours = f"module_list.{2 * k}.module_list.{u}", f"backbone.stage{k}.units.{u}"
             keys.update(_conv_block(f"{released}.0", f"{ours}.reduce"))
             keys.update(_conv_block(f"{released}.1", f"{ours}.expand"))
@@ -375,11 +336,10 @@ def _head_map(released: str, ours: str, rfb: bool) -> dict[str, str]:
     keys.update(_plain_conv(f"{released}.Feature_adaption.conv_offset", f"{ours}.offset"))
     keys.update(_plain_conv(f"{released}.Feature_adaption.dconv", f"{ours}.dconv"))
     keys.update(_plain_conv(f"{released}.conv", f"{ours}.pred"))
-    if rfb:
-        for b, n in enumerate((1, 2, 3, 3)):
-            for i in range(n):
-                keys.update(_plain_conv(f"{released}.Feature_adaption.rfb.branch_{b}.{i}",
-                                        f"{ours}.rfb.branch{b}.{i}"))
+    for b, n in enumerate((1, 2, 3, 3) if rfb else ()):         # RFB branch b has n convs
+        for i in range(n):
+            keys.update(_plain_conv(f"{released}.Feature_adaption.rfb.branch_{b}.{i}",
+                                    f"{ours}.rfb.branch{b}.{i}"))
     return keys
 
 
@@ -417,11 +377,9 @@ def released_key_map(model: Detector) -> dict[str, str]:
         keys.update(_conv_block(f"module_list.{idx[asff]}", f"pyramid.{ours}"))
     rfb = model.heads["s8"].rfb is not None
     for level, s in enumerate(STRIDES):
-        if asff:
-            keys.update(_fusion_map(level, s))
-            keys.update(_head_map(f"level_{level}_header", f"heads.s{s}", rfb))
-        else:
-            keys.update(_head_map(f"module_list.{(19, 28, 37)[level]}", f"heads.s{s}", rfb))
+        keys.update(_fusion_map(level, s) if asff else {})
+        released = f"level_{level}_header" if asff else f"module_list.{(19, 28, 37)[level]}"
+        keys.update(_head_map(released, f"heads.s{s}", rfb))
     if not asff:
         keys.update(_conv_block("module_list.18", "head_in.s32"))
         keys.update(_conv_block("module_list.27", "head_in.s16"))
@@ -429,13 +387,10 @@ def released_key_map(model: Detector) -> dict[str, str]:
 
 
 def load_released(model: Detector, source, name: str | None = None) -> Detector:
-    """Load the authors' checkpoint (a path or a state dict) into `model`.
-
-    Every key of the checkpoint must map to a parameter of ours and every parameter must be
-    filled, with equal shapes; fp16 entries (from `--half` training) are cast to fp32. A
-    checkpoint holding only module_list.0-10 is the released DarkNet-53 (`darknet53_feature_mx.pth`)
-    and fills the backbone alone. Errors name the key, the file and both shapes.
-    """
+    """Load the authors' checkpoint (a path or a state dict) into `model`: every key maps to one
+    of ours, every one of ours is filled, shapes equal, fp16 (`--half`) cast to fp32. Only
+    module_list.0-10 is the released DarkNet-53 (`darknet53_feature_mx.pth`): the backbone alone.
+    Errors name the key, the file and both shapes."""
     name = name or (source if isinstance(source, str) else "<state dict>")
     state = torch.load(source, map_location="cpu", weights_only=True) if isinstance(source, str) \
         else source
@@ -444,13 +399,12 @@ def load_released(model: Detector, source, name: str | None = None) -> Detector:
     # a backbone file fills DarkNet-53 under any head (Table 1's rows without guided anchoring)
     key_map = _backbone_map(model) if backbone_only else released_key_map(model)
     ours = model.state_dict()
-    missing = sorted(set(key_map) - set(state))
-    extra = sorted(set(state) - set(key_map))
+    missing, extra = sorted(set(key_map) - set(state)), sorted(set(state) - set(key_map))
     if missing or extra:
+        few = lambda keys: f"{keys[:5]}{'...' if len(keys) > 5 else ''}"
         raise KeyError(f"{name}: does not match Detector(fusion={model.fusion_mode!r}, "
                        f"rfb={model.heads['s8'].rfb is not None}, width/depth as built): "
-                       f"missing keys {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-                       f"unexpected keys {extra[:5]}{'...' if len(extra) > 5 else ''}")
+                       f"missing keys {few(missing)}, unexpected keys {few(extra)}")
     converted = {}
     for released, our_key in key_map.items():
         tensor, target = state[released], ours[our_key]
@@ -462,6 +416,9 @@ def load_released(model: Detector, source, name: str | None = None) -> Detector:
     return model
 
 
+# ---------------------------------------------------------------------------------------------
+# `python head.py`: parameters and FLOPs of the paper's configurations
+# ---------------------------------------------------------------------------------------------
 def count_flops(model: nn.Module, size: int) -> float:
     """Forward FLOPs at (1, 3, size, size) by FlopCounterMode (a multiply-add is 2 FLOPs)."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -472,21 +429,18 @@ def count_flops(model: nn.Module, size: int) -> float:
 
 
 def _demo(sizes: tuple[int, ...] = (416, 608)) -> None:
-    configs = {"original YOLOv3": dict(fusion=None, guided=False, spp=False),
-               "strong baseline": dict(fusion=None), "sum fusion": dict(fusion="sum"),
-               "concat fusion": dict(fusion="concat"), "ASFF": dict(fusion="asff"),
-               "ASFF*": dict(fusion="asff", rfb=True, dropblock=True)}
+    configs = {"original YOLOv3": dict(guided=False, spp=False), "strong baseline": dict(fusion=None),
+               "sum fusion": dict(fusion="sum"), "concat fusion": dict(fusion="concat"),
+               "ASFF": dict(fusion="asff"), "ASFF*": dict(fusion="asff", rfb=True, dropblock=True)}
     print(f"counting parameters and FLOPs of {len(configs)} full-size detectors at {sizes} "
           "(one forward each; a few seconds per row)...", flush=True)
     print(f"{'configuration':<18}{'params':>14}" + "".join(f"{f'GFLOPs@{s}':>12}" for s in sizes))
     for name, kwargs in configs.items():
         model = Detector(80, **kwargs)
-        n = sum(p.numel() for p in model.parameters())
-        print(f"{name:<18}{n:>14,}" + "".join(f"{count_flops(model, s) / 1e9:>12.2f}" for s in sizes),
-              flush=True)
-    model = Detector(80, fusion="asff").eval()
-    with torch.no_grad():
-        out = model(torch.zeros(1, 3, sizes[0], sizes[0]))
+        flops = "".join(f"{count_flops(model, s) / 1e9:>12.2f}" for s in sizes)
+        print(f"{name:<18}{sum(p.numel() for p in model.parameters()):>14,}{flops}", flush=True)
+    with torch.no_grad():                                  # the last one, ASFF*
+        out = model.eval()(torch.zeros(1, 3, sizes[0], sizes[0]))
     print(f"eval output at {sizes[0]}: {tuple(out.shape)} = (B, 4 slots x (rows at strides 32, 16, "
           "8), 5 + 80)")
 

@@ -75,14 +75,14 @@ def loss_benchmark(batch: int = 16, size: int = 608, objects: int = 20, num_clas
     torch.manual_seed(0)
     model = Detector(num_classes, width=0.25, depth=0.34)   # the loss reads anchors and slots only
     outputs = {s: {"pred": torch.randn(batch, 4, 5 + num_classes, size // s, size // s),
-                   "shape": 0.5 * torch.randn(batch, 4, 2, size // s, size // s)} for s in STRIDES}
+                   "anchor_log": 0.5 * torch.randn(batch, 4, 2, size // s, size // s)} for s in STRIDES}
     for o in outputs.values():
-        o["pred"].requires_grad_(), o["shape"].requires_grad_()
+        o["pred"].requires_grad_(), o["anchor_log"].requires_grad_()
     targets = [torch.cat([torch.randint(0, num_classes, (objects, 1)).float(),
                           torch.rand(objects, 2) * size,
                           torch.exp(torch.empty(objects, 2).uniform_(2.0, 6.0)),   # 7..400 px
                           torch.ones(objects, 1)], dim=1) for _ in range(batch)]
-    levels = {s: loss.Level(s, o["pred"], o["shape"], model.slot_sizes(s))
+    levels = {s: loss.Level(s, o["pred"], o["anchor_log"], model.slot_sizes(s))
               for s, o in outputs.items()}
 
     def assignment():

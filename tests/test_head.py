@@ -65,7 +65,7 @@ def test_output_shapes(config, hw):
     raw = model.train()(x)
     for s in (32, 16, 8):
         assert raw[s]["pred"].shape == (1, S, 10, H // s, W // s)
-        assert (raw[s]["shape"] is None) == (config == "yolov3")
+        assert (raw[s]["anchor_log"] is None) == (config == "yolov3")
     with torch.no_grad():
         out = model.eval()(x)
     assert out.shape == (1, S * sum((H // s) * (W // s) for s in (32, 16, 8)), 10)

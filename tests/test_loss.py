@@ -49,13 +49,13 @@ def raw_outputs(model, size=256, batch=2, seed=None, dtype=torch.float32, scale=
     for s in STRIDES:
         n = size // s                                                       # grid side
         pred = torch.zeros(batch, S, 5 + C, n, n, dtype=dtype)
-        shape = torch.zeros(batch, S, 2, n, n, dtype=dtype) if model.guided else None
+        anchor_log = torch.zeros(batch, S, 2, n, n, dtype=dtype) if model.guided else None
         if seed is not None:
             pred = scale * torch.randn(pred.shape, generator=g, dtype=dtype)
-            shape = 0.5 * scale * torch.randn(shape.shape, generator=g, dtype=dtype) \
+            anchor_log = 0.5 * scale * torch.randn(anchor_log.shape, generator=g, dtype=dtype) \
                 if model.guided else None
         out[s] = {"pred": pred.requires_grad_(),
-                  "shape": shape.requires_grad_() if shape is not None else None}
+                  "anchor_log": anchor_log.requires_grad_() if anchor_log is not None else None}
     return out
 
 
@@ -68,7 +68,7 @@ def gt_of(model, targets, size=256, dtype=torch.float32):
 
 
 def levels_of(model, outputs):
-    return {s: loss.Level(s, outputs[s]["pred"], outputs[s]["shape"], model.slot_sizes(s).to(
+    return {s: loss.Level(s, outputs[s]["pred"], outputs[s]["anchor_log"], model.slot_sizes(s).to(
         outputs[s]["pred"])) for s in STRIDES}
 
 
@@ -93,7 +93,7 @@ def assignment_table(assignment, gt) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # The per-object loop reference: the release's algorithm written plainly, dense targets
 # ---------------------------------------------------------------------------------------------
-def ref_box_iou(a, b):
+def ref_iou_cxcywh(a, b):
     ix = (torch.min(a[..., 0] + a[..., 2] / 2, b[..., 0] + b[..., 2] / 2)
           - torch.max(a[..., 0] - a[..., 2] / 2, b[..., 0] - b[..., 2] / 2)).clamp(min=0)
     iy = (torch.min(a[..., 1] + a[..., 3] / 2, b[..., 1] + b[..., 3] / 2)
@@ -131,13 +131,13 @@ def ref_valid_objects(targets, num_classes, size):
     return objects
 
 
-def reference_decode(pred, shape, sizes, s):
+def reference_decode(pred, anchor_log, sizes, s):
     """Every slot decoded: (B, S, H, W, 5+C) raw, (B, S, H, W, 2) guided anchors, (..., 4) boxes."""
     B, S, _, H, W = pred.shape
     p = pred.permute(0, 1, 3, 4, 2)
     anc = sizes.to(pred).view(1, S, 1, 1, 2).expand(B, S, H, W, 2)
-    if shape is not None:
-        anc = anc * torch.exp(shape.permute(0, 1, 3, 4, 2))
+    if anchor_log is not None:
+        anc = anc * torch.exp(anchor_log.permute(0, 1, 3, 4, 2))
     i_grid = torch.arange(W, dtype=pred.dtype).view(1, 1, 1, W)
     j_grid = torch.arange(H, dtype=pred.dtype).view(1, 1, H, 1)
     boxes = torch.stack([(torch.sigmoid(p[..., 0]) + i_grid) * s,
@@ -159,7 +159,7 @@ def reference_targets(p, anc, boxes, s, level, objects, anchors, guided, ignore_
         if not objects[b]:
             continue
         g = torch.tensor([o[2:6] for o in objects[b]], dtype=p.dtype)
-        best_pred = ref_box_iou(boxes[b].detach().reshape(-1, 1, 4), g[None]).max(1).values
+        best_pred = ref_iou_cxcywh(boxes[b].detach().reshape(-1, 1, 4), g[None]).max(1).values
         T["obj_w"][b] = (best_pred <= ignore_thre).view(S, H, W).to(p.dtype)
         for r, c, cx, cy, w, h, mix in objects[b]:
             ious = [ref_shape_iou(w, h, aw, ah) for aw, ah in anchors]
@@ -199,7 +199,7 @@ def reference_terms(p, anc, boxes, T, shape_loss, iou_loss, iou_form):
         t["anchor"] = ref_form(shape_iou_dense(anc[T["shape"]], T["box"][T["shape"]][:, 2:]),
                                iou_form).sum()
     if iou_loss:
-        iou = ref_box_iou(boxes[T["coord"]], T["box"][T["coord"]])
+        iou = ref_iou_cxcywh(boxes[T["coord"]], T["box"][T["coord"]])
         t["iou"] = (T["scale"][T["coord"]] * ref_form(iou, iou_form)).sum()
     t["xy"] = (T["scale"][..., None] * bce(p[..., :2], T["xy"])).sum()
     t["wh"] = (T["scale"][..., None] * (p[..., 2:4] - T["wh"]).abs()).sum()
@@ -217,7 +217,7 @@ def reference_loss(outputs, targets, model, ignore_thre=0.7, label_smooth=True, 
     terms, rows = {}, []
     for level, s in enumerate(STRIDES):
         pred = outputs[s]["pred"]
-        p, anc, boxes = reference_decode(pred, outputs[s]["shape"], model.slot_sizes(s), s)
+        p, anc, boxes = reference_decode(pred, outputs[s]["anchor_log"], model.slot_sizes(s), s)
         T, level_rows = reference_targets(p, anc, boxes, s, level, objects, model.anchors.tolist(),
                                           model.guided, ignore_thre, label_smooth, size)
         t = reference_terms(p, anc, boxes, T, iou_loss and model.guided, iou_loss, iou_form)
@@ -316,11 +316,11 @@ def test_golden_gradients(variant):
 # ---------------------------------------------------------------------------------------------
 def test_iou_against_hand_numbers():
     a = torch.tensor([0.0, 0.0, 2.0, 2.0])
-    assert loss.box_iou(a, torch.tensor([1.0, 0.0, 2.0, 2.0])).item() == pytest.approx(2 / 6)
-    assert loss.box_iou(a, torch.tensor([0.5, 0.5, 1.0, 1.0])).item() == pytest.approx(1 / 4)
-    assert loss.box_iou(a, torch.tensor([3.0, 0.0, 2.0, 2.0])).item() == 0.0        # apart
-    assert loss.box_iou(a, torch.tensor([0.0, 3.0, 2.0, 4.0])).item() == 0.0        # x-overlap only
-    assert loss.box_iou(a, a).item() == pytest.approx(1.0)
+    assert loss.iou_cxcywh(a, torch.tensor([1.0, 0.0, 2.0, 2.0])).item() == pytest.approx(2 / 6)
+    assert loss.iou_cxcywh(a, torch.tensor([0.5, 0.5, 1.0, 1.0])).item() == pytest.approx(1 / 4)
+    assert loss.iou_cxcywh(a, torch.tensor([3.0, 0.0, 2.0, 2.0])).item() == 0.0        # apart
+    assert loss.iou_cxcywh(a, torch.tensor([0.0, 3.0, 2.0, 4.0])).item() == 0.0        # x-overlap only
+    assert loss.iou_cxcywh(a, a).item() == pytest.approx(1.0)
     assert loss.shape_iou(torch.tensor([2.0, 3.0]), torch.tensor([3.0, 1.0])).item() == \
         pytest.approx(2 / 7)
     anchors = torch.tensor([[156.0, 198.0], [121.0, 240.0]])
@@ -395,11 +395,11 @@ def test_whole_loss_gradient_matches_finite_differences():
     assert analytic == pytest.approx((shifted(h) - shifted(-h)) / (2 * h), rel=1e-5)
 
 
-def test_decode_boxes_matches_head_decode_level():
+def test_level_boxes_match_head_decode_level():
     model = tiny_model(4)
     outputs = raw_outputs(model, size=128, batch=2, seed=2)
     for s, level in levels_of(model, outputs).items():
-        full = decode_level(level.pred.detach(), level.shape.detach(), s, level.sizes)
+        full = decode_level(level.pred.detach(), level.anchor_log.detach(), s, level.sizes)
         B, S, H, W, _ = full.shape
         b, k, j, i = torch.meshgrid(*[torch.arange(n) for n in (B, S, H, W)], indexing="ij")
         torch.testing.assert_close(level.boxes(b, k, j, i).detach(), full[..., :4])
@@ -467,7 +467,7 @@ def test_anchor_free_slot_takes_over_only_when_its_shape_fits_better(free_size, 
     model = tiny_model(4)
     outputs = raw_outputs(model, batch=1)
     with torch.no_grad():       # free slot at the object's s8 cell (12, 7): 32 * exp(g) = free_size
-        outputs[8]["shape"][0, 3, :, 7, 12] = torch.log(torch.tensor(free_size) / 32)
+        outputs[8]["anchor_log"][0, 3, :, 7, 12] = torch.log(torch.tensor(free_size) / 32)
     targets = [torch.tensor([box(3, 100.5, 60.3, 24, 20)])]          # best anchor 2, IoU 0.632
     assignment, _ = assign(model, outputs, targets)
     a = assignment[8]
@@ -494,8 +494,8 @@ def test_ignore_mask_at_the_threshold(iou, ignored):
     targets = [torch.tensor([box(1, 72.0, 72.0, 64, 64)])]
     gt = gt_of(model, targets)
     level = levels_of(model, outputs)[32]
-    assert loss.box_iou(level.boxes(*[torch.tensor(0)] * 2, torch.tensor(2), torch.tensor(2)),
-                        gt.box[0]).item() == pytest.approx(iou, abs=1e-5)
+    assert loss.iou_cxcywh(level.boxes(*[torch.tensor(0)] * 2, torch.tensor(2), torch.tensor(2)),
+                           gt.box[0]).item() == pytest.approx(iou, abs=1e-5)
     mask = loss.ignore_mask(level, gt, 0.7)
     assert mask.sum().item() == int(ignored) and mask[0, 0, 2, 2].item() == ignored
     loss.compute_loss(outputs, targets, model)["obj"].backward()
@@ -527,7 +527,7 @@ def test_ignore_mask_equals_all_pairs_iou(threshold):
         b, k, j, i = torch.meshgrid(*[torch.arange(n) for n in (B, S, H, W)], indexing="ij")
         every = level.boxes(b, k, j, i).detach()                                # (B, S, H, W, 4)
         padded = torch.stack([t[:, 1:5] for t in targets])                      # (B, 9, 4)
-        expected = (ref_box_iou(every[..., None, :], padded[:, None, None, None]).amax(-1)
+        expected = (ref_iou_cxcywh(every[..., None, :], padded[:, None, None, None]).amax(-1)
                     > threshold)
         assert torch.equal(loss.ignore_mask(level, gt, threshold), expected), f"s{s}"
         hits += int(expected.sum())
@@ -581,9 +581,9 @@ def term_gradients(model, outputs, targets, term, **switches):
                 t.grad = None
     losses = loss.compute_loss(outputs, targets, model, **switches)
     losses[term].backward()
-    pred, shape = outputs[8]["pred"], outputs[8]["shape"]
+    pred, anchor_log = outputs[8]["pred"], outputs[8]["anchor_log"]
     zero = lambda t: t.grad if t.grad is not None else torch.zeros_like(t)
-    return zero(pred)[0], zero(shape)[0]                       # (S, 5+C, H, W), (S, 2, H, W)
+    return zero(pred)[0], zero(anchor_log)[0]                  # (S, 5+C, H, W), (S, 2, H, W)
 
 
 def test_each_term_reaches_exactly_its_slots_and_channels():
@@ -684,28 +684,28 @@ def test_no_nan_or_inf_for_border_tiny_and_huge_boxes(form):
     assert all(torch.isfinite(v) for v in losses.values())
     losses["total"].backward()
     for o in outputs.values():
-        assert torch.isfinite(o["pred"].grad).all() and torch.isfinite(o["shape"].grad).all()
+        assert torch.isfinite(o["pred"].grad).all() and torch.isfinite(o["anchor_log"].grad).all()
 
 
 def test_a_diverged_log_shape_gives_a_finite_loss_and_gradient():
     """g = +-136.6 (seen in a diverging run) overflows exp in float32; Level.anchors bounds it at
-    +-MAX_LOG_SHAPE, and leaves every shape inside the bound as A * exp(g) exactly."""
+    +-MAX_ANCHOR_LOG, and leaves every shape inside the bound as A * exp(g) exactly."""
     model = tiny_model(4)
     outputs = raw_outputs(model, batch=1, seed=14, scale=0.5)
     with torch.no_grad():
-        outputs[8]["shape"][0, :, :, 7, 12] = 136.6       # every slot of the s8 object's cell
-        outputs[16]["shape"][0, :, :, 3, 9] = -136.6      # and of the s16 object's
+        outputs[8]["anchor_log"][0, :, :, 7, 12] = 136.6  # every slot of the s8 object's cell
+        outputs[16]["anchor_log"][0, :, :, 3, 9] = -136.6  # and of the s16 object's
     targets = [torch.tensor([box(3, 100.5, 60.3, 24, 20), box(1, 150.0, 60.0, 60, 48)])]
     losses = loss.compute_loss(outputs, targets, model)
     assert all(torch.isfinite(v) for v in losses.values()), losses
     losses["total"].backward()
     for o in outputs.values():
-        assert torch.isfinite(o["pred"].grad).all() and torch.isfinite(o["shape"].grad).all()
+        assert torch.isfinite(o["pred"].grad).all() and torch.isfinite(o["anchor_log"].grad).all()
     levels = levels_of(model, outputs)
     at = [torch.tensor(v) for v in (0, 2, 7, 12)]
     torch.testing.assert_close(levels[8].anchors(*at), model.slot_sizes(8)[2] * 1e4)
     inside = [torch.tensor(v) for v in (0, 1, 5, 20)]                    # an ordinary cell
-    g = outputs[8]["shape"][0, 1, :, 5, 20]
+    g = outputs[8]["anchor_log"][0, 1, :, 5, 20]
     assert levels[8].anchors(*inside).tolist() == (model.slot_sizes(8)[1] * torch.exp(g)).tolist()
 
 
@@ -791,7 +791,7 @@ def test_the_objective_is_minimal_at_the_objects(seed):
     outputs = raw_outputs(model, size=64, batch=2, seed=seed, dtype=torch.float64)
     with torch.no_grad():
         for o in outputs.values():
-            o["shape"].zero_()
+            o["anchor_log"].zero_()
             o["pred"][:, :, 2:4] = 0.0
     leaves = [t for o in outputs.values() for t in o.values()]
     optimizer = torch.optim.Rprop(leaves, lr=0.01)
@@ -815,11 +815,11 @@ def test_the_objective_is_minimal_at_the_objects(seed):
         assert losses[term].item() < 1e-4, (term, losses[term].item())
     for term in ("obj", "cls"):
         assert losses[term].item() < 1e-9, (term, losses[term].item())
-    rows = torch.cat([decode_level(o["pred"], o["shape"], s, model.slot_sizes(s).double())
+    rows = torch.cat([decode_level(o["pred"], o["anchor_log"], s, model.slot_sizes(s).double())
                       .flatten(1, 3) for s, o in detached.items()], dim=1)   # (2, N, 5+C)
     for b, t in enumerate(targets):      # every object found by a confident box of its class
         found = rows[b, rows[b, :, 4] * rows[b, :, 5:].max(dim=1).values > 0.5]
-        iou = loss.box_iou(found[:, None, :4], t[None, :, 1:5])             # (found, objects)
+        iou = loss.iou_cxcywh(found[:, None, :4], t[None, :, 1:5])          # (found, objects)
         same = found[:, 5:].argmax(dim=1)[:, None] == t[None, :, 0].long()
         assert ((iou * same).amax(dim=0) > 0.999).all(), iou
 
