@@ -1,99 +1,32 @@
-"""Data: COCO-format reading, a built-in synthetic set, the released augmentation, mixup (paper
-Sec. 3.1, bag of freebies) and random input shapes (Sec. 3.4).
+"""Data: mixup (paper Sec. 3.1, bag of freebies), random input shapes (Sec. 3.4) and the released
+augmentation, over COCO-format sets or a built-in synthetic one.
 
-Public entry points:
-    MEAN, STD                    ImageNet mean / std (RGB), what the released checkpoints expect
-    normalize(image, size)       uint8 (H, W, 3) RGB -> (3, size, size) float, plain bilinear resize
-    CocoDetection(image_dir, ann_file, include_crowd=False, require_annotations=True)
-        .coco (pycocotools, over the boxes kept), .cat_ids (sorted JSON ids; class k <->
-        cat_ids[k]), .cat_to_class, .class_names, .ids (image ids),
-        load_image(i) -> (uint8 (H, W, 3) RGB, image_id),
-        load_targets(i) -> float32 (N, 5) [class, x1, y1, x2, y2] in image pixels
+One box layout from reading through augmentation and mixup: float32 rows (N, 6) [x1, y1, x2, y2,
+class, mix] in pixels (COCO's continuous x + w; mix is 1 but in mixup). collate converts them once,
+to what the loss reads: (N, 6) [class, cx, cy, w, h, mix] (loss_targets).
+
+    CocoDetection(image_dir, ann_file, include_crowd=False, require_annotations=True): .cat_ids
+        (class k <-> cat_ids[k]), .class_names, .ids, .coco (pycocotools, over the boxes kept),
+        .skipped; load_image(i) -> (uint8 (H, W, 3) RGB, image id); load_targets(i) -> rows
     make_synthetic(root=None, n_train=1024, n_val=64, image_size=192, seed=0) -> dict of paths
-        (train_images, train_json, val_images, val_json), generated once into a cache folder
-    TrainDataset(data, size=608, seed=0, mixup=True, augment=True, min_size=6.0)
-        [i] -> (uint8 (3, size, size), float32 (N, 6) [class, cx, cy, w, h, mix] in input pixels);
-        .set_epoch(epoch); .mixup = False turns mixup off (mix column then 1.0)
-    collate(batch) -> (float (B, 3, S, S) normalised, list of B (N_i, 6) float tensors)
-    random_size(seed, iteration, every=10, sizes=(320, 352, ..., 608)) -> int
-    resize_batch(images (B, 3, S, S), targets, size) -> (B, 3, size, size), boxes scaled
+    TrainDataset(data, size=608, seed=0, mixup=True, augment=True, min_size=6.0)[i] -> (uint8
+        (3, size, size), rows in input pixels); set .set_epoch(e) and .mixup before an epoch's
+        DataLoader iterator starts (its workers copy the set; no persistent_workers)
+    collate(batch) -> (float (B, 3, S, S) normalised, B x (N_i, 6) loss targets)
+    random_size(seed, iteration) -> one of 320, 352, ..., 608, redrawn every 10 iterations
+    resize_batch(images, targets, size); normalize(image, size): evaluation's plain resize
 
-Training loop (random shapes, Sec. 3.4: one size per mini-batch, drawn every 10 iterations as
-released, the same on every rank because it depends only on the seed and the iteration):
-
-    train_set = TrainDataset(CocoDetection(paths["train_images"], paths["train_json"]), size=608)
-    loader = DataLoader(train_set, batch_size, sampler=sampler, collate_fn=collate, num_workers=4)
-    for epoch in range(epochs):
-        train_set.set_epoch(epoch); train_set.mixup = epoch < epochs - 30   # before iterating:
-        sampler.set_epoch(epoch)    # workers get a fresh copy each epoch (no persistent_workers)
-        for images, targets in loader:
-            size = random_size(seed, iteration)
-            images, targets = resize_batch(images, targets, size)
-
-Command line: `python data.py [--out DIR] [--root CACHE]` generates the synthetic set, prints
-its statistics and writes DIR/asff_data_demo.png (8 augmented, mixed samples with their boxes);
-`python tests/bench.py data` times one loader worker (last line: JSON).
-
-The data set augments at the largest size and the batch is resized once more to the drawn size
-(the release resized each image straight to the drawn size: one interpolation less, but the size
-has to be known inside the worker); boxes are therefore filtered by min_size at the largest size.
-Every random draw of sample i in epoch e comes from numpy's Generator(SeedSequence([seed, e, i])):
-results do not depend on the worker count, and workers never repeat each other's draws (they did
-in the release: docs/released-code.md, mixup). `mixup` and `epoch` are read inside the workers,
-which copy the data set when an epoch's iterator starts: set them before, and do not use
-persistent_workers.
-
-Augmentation (as released: docs/released-code.md, augmentation), per sample: mixup; photometric
-distortion; zoom out; SSD random crop; horizontal flip; small random affine; resize to the square
-size. The geometric steps are affine maps, so each step returns its 3x3 matrix and the moved boxes,
-and the image is warped once by their product (PIL, one pass from the source image, showing only
-what the crop kept). Boxes whose shorter side is not above min_size (6 px) are dropped; if none
-survive, the un-augmented image and all its boxes are used (as released). Departures, each for a
-reason:
-- the affine translation uses the width for x and the height for y (the release swaps them);
-- saturation scales HSV's S with V and hue kept, computed in RGB (c -> V - s (V - c)) instead of
-  a second HSV round trip (9 ms of a 20 ms budget); it clips per channel where s * S > 1;
-- resampling is nearest or bilinear at random (the release draws among five OpenCV methods;
-  PIL's bicubic warp is 2.5x slower than bilinear);
-- boxes are COCO's continuous (x, y, x + w, y + h), not the release's inclusive x + w - 1;
-- crowd boxes are left out by default (include_crowd=True trains on them, as released);
-- targets are a list of (N, 6) tensors, not padded to 50 rows.
-
-Bad input - found at start-up when it can be, and never a crash in the middle of an epoch.
-Every annotation file is checked entry by entry before pycocotools sees it (FIELDS: the keys and
-types each entry needs); each problem is a DataError naming the file, the entry (`images[3]
-(id 7)`) and the field. `.coco`, what COCOeval scores against, is built from what was kept:
-| problem                                    | found    | what happens                           |
-|--------------------------------------------|----------|----------------------------------------|
-| file missing, unreadable, empty, not UTF-8 | start-up | DataError: file and reason (JSON: line |
-| or not valid JSON                          |          | and column)                            |
-| top level not an object; no images /       | start-up | DataError naming the key (annotations  |
-| categories / annotations list; images or   |          | optional: require_annotations=False)   |
-| categories empty                           |          |                                        |
-| entry not an object, or a FIELDS key       | start-up | DataError: file, entry, key (and the   |
-| missing or of the wrong type / range (true |          | value as the file has it)              |
-| is not a number; NaN, inf; size <= 0)      |          |                                        |
-| duplicate id (images, categories,          | start-up | DataError: file, both entries          |
-| annotations) or category name              |          |                                        |
-| annotation on an unknown image / category  | start-up | DataError: file, entry and the id      |
-| kept box with a negative area              | start-up | DataError: file, entry                 |
-| box with zero or negative width/height     | start-up | skipped, for training and in .coco;    |
-|                                            |          | one warning: count, first annotation id|
-| box wholly outside its image               | start-up | skipped, for training and in .coco;    |
-|                                            |          | counted warning                        |
-| box partly outside its image               | start-up | clipped, for training and in .coco;    |
-|                                            |          | counted warning                        |
-| crowd box (iscrowd 1)                      | -        | not trained on (include_crowd=True     |
-|                                            |          | does); in .coco as COCO's ignore region|
-| image file missing                         | start-up | DataError: count, first file, image id |
-|                                            |          | (usually a wrong image_dir)            |
-| corrupt or truncated image, or decoded     | loading  | load_image: DataError naming the file; |
-| size unlike the JSON's width/height        |          | TrainDataset warns (running count) and |
-|                                            |          | trains on the next image instead       |
-| grayscale, palette, RGBA, CMYK, 16-bit     | loading  | converted to RGB; alpha dropped (as    |
-|                                            |          | OpenCV), 16-bit scaled by 1/257        |
-| EXIF-rotated photo                         | loading  | rotation applied (as OpenCV's imread)  |
-| image with no objects                      | -        | valid: a (0, 6) target                 |
+Per sample, as released (docs/released-code.md, augmentation): mixup; colour (brightness,
+contrast, hue, saturation); zoom out; SSD crop; flip; small affine; resize to the square. Sample i
+of epoch e draws from Generator(SeedSequence([seed, e, i])), whatever the worker. All draws come
+first, from boxes and image sizes alone; then the pixels: a JPEG decoded at the coarsest DCT
+scale that still covers the output, mixup and colour only where the crop keeps, one warp by the
+product of the geometric steps' matrices. Departures: the affine shift takes x from the width (the
+release: the height); saturation computed in RGB; nearest or bilinear resampling (the release:
+one of five OpenCV methods); crowd boxes left out unless include_crowd; targets not padded to 50
+rows; samples made at the largest size, the batch resized to the drawn one (resize_batch).
+`python data.py` draws augmented samples; `python data.py --check --images DIR --ann FILE`
+checks a data set as training reads it. Bad input: README.md, "Data: formats and bad input".
 """
 
 import argparse
@@ -107,9 +40,10 @@ import shutil
 import signal
 import sys
 import tempfile
-import time
+import textwrap
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -123,14 +57,17 @@ FILL = tuple(round(255 * m) for m in MEAN)  # (124, 116, 104): zoom-out, affine 
 SIZES = tuple(range(320, 609, 32))  # Sec. 3.4 random shapes {320, 352, ..., 608}
 
 
+# ----------------------------------------------------------------------------------------------
+# Plumbing: errors, and reading COCO-format files, checked entry by entry before pycocotools sees
+# them (it trusts every key and number: a bare KeyError, or a silently wrong AP)
+
 class UserError(Exception):
-    """A mistake in what the user gave (data, files, flags), not in the code. The scripts print
-    its message as one line and exit with status 2 (exit_on_user_error; ASFF_DEBUG=1 shows the
-    traceback too)."""
+    """A mistake in what the user gave (data, files, flags), not in the code: the scripts print
+    its message as one line and exit with status 2 (ASFF_DEBUG=1 shows the traceback too)."""
 
 
 class DataError(UserError, ValueError):
-    """A problem with the data (not the code); the message names the file and the entry."""
+    """A problem with the data; the message names the file and the entry."""
 
 
 def exit_on_user_error(main, argv: list[str] | None = None):
@@ -144,215 +81,142 @@ def exit_on_user_error(main, argv: list[str] | None = None):
         raise SystemExit(2) from None
 
 
-# ----------------------------------------------------------------------------------------------
-# Reading COCO-format data. Every file is checked here, entry by entry, before pycocotools sees
-# it: pycocotools indexes by id and image_id (a bare KeyError when one is missing) and trusts
-# every number (a TypeError, or a silently wrong AP, later). Each problem is a DataError naming
-# the file, the entry (its place in the list and its id) and the field.
-
-
-def _number(v) -> bool:
-    """A finite JSON number. true and false are not numbers here, though Python's bool is an int."""
-    return type(v) in (int, float) and abs(v) < 1e30  # NaN fails the comparison, as inf does
-
-
-def _side(v) -> bool:
-    """A whole number of pixels > 0 (640 or 640.0)."""
-    return type(v) in (int, float) and 0 < v < 2**31 and v == int(v)
-
-
-def _id(v) -> bool:
-    """An integer that numpy's int64, and so COCOeval, can hold."""
-    return type(v) is int and -(2**63) <= v < 2**63
-
-
-def _text(v) -> bool:
-    return type(v) is str and v.strip() != ""
-
-
-def _box(v) -> bool:
-    return type(v) is list and len(v) == 4 and all(_number(c) for c in v)
-
-
-# Per list: (required fields, optional fields), each field: (test, what it must be)
-FIELDS = {
-    "images": ({"id": (_id, "an integer"), "file_name": (_text, "a non-empty string"),
-                "width": (_side, "a whole number of pixels > 0"),
-                "height": (_side, "a whole number of pixels > 0")}, {}),
-    "categories": ({"id": (_id, "an integer"), "name": (_text, "a non-empty string")}, {}),
-    "annotations": ({"id": (_id, "an integer"), "image_id": (_id, "an integer"),
-                     "category_id": (_id, "an integer"),
-                     "bbox": (_box, "4 finite numbers [x, y, w, h]")},
-                    {"iscrowd": (lambda v: type(v) in (int, float) and v in (0, 1), "0 or 1"),
-                     "area": (_number, "a finite number")}),  # >= 0 if the box is kept
-}
-JSON_TYPES = {dict: "an object", list: "a list", str: "a string", int: "a number",
-              float: "a number", bool: "true/false", type(None): "null"}
+_number = lambda v: type(v) in (int, float) and abs(v) < 1e30  # finite (NaN fails); true is none
+INTEGER = (lambda v: type(v) is int and -(2**63) <= v < 2**63, "an integer")  # numpy's int64
+TEXT = (lambda v: type(v) is str and v.strip() != "", "a non-empty string")
+SIDE = (lambda v: type(v) in (int, float) and 0 < v < 2**31 and v == int(v), "a whole number of pixels > 0")
+FIELDS = {  # the keys each entry of each list needs: (test, what the value must be)
+    "images": {"id": INTEGER, "file_name": TEXT, "width": SIDE, "height": SIDE},
+    "categories": {"id": INTEGER, "name": TEXT},
+    "annotations": {"id": INTEGER, "image_id": INTEGER, "category_id": INTEGER, "bbox": (
+        lambda v: type(v) is list and len(v) == 4 and all(map(_number, v)), "4 finite numbers [x, y, w, h]")}}
+OPTIONAL = {"iscrowd": (lambda v: type(v) in (int, float) and v in (0, 1), "0 or 1"),  # annotations'
+            "area": (_number, "a finite number")}  # and >= 0 if the box is kept
+TYPES = {dict: "an object", list: "a list", str: "a string", int: "a number", float: "a number",
+         bool: "true/false", type(None): "null"}
+SKIPS = ("zero or negative width/height, skipped", "outside the image, skipped",
+         "partly outside the image, clipped")
 
 
 def _shown(value) -> str:
     """A value as the file has it (null, true, "640", NaN), cut to 60 characters."""
     try:
         text = json.dumps(value)
-    except RecursionError:  # nested deeper than json.dumps goes: name its type only
-        return JSON_TYPES[type(value)]
+    except RecursionError:  # nested deeper than json.dumps goes: its type only
+        text = TYPES[type(value)]
     return text if len(text) <= 60 else text[:56] + " ..."
 
 
-def _entry(ann_file: str, key: str, position: int, entry) -> str:
-    """Where an entry is: 'file: annotations[12] (id 7)', with the id when it is a usable one."""
-    has_id = type(entry) is dict and _id(entry.get("id"))
-    return f"{ann_file}: {key}[{position}]" + (f" (id {entry['id']})" if has_id else "")
+def _where(ann_file: str, key: str, position: int, entry) -> str:
+    """'file: annotations[12] (id 7)', with the id when it is a usable one."""
+    known = type(entry) is dict and INTEGER[0](entry.get("id"))
+    return f"{ann_file}: {key}[{position}]" + (f" (id {entry['id']})" if known else "")
 
 
 def _check_entries(ann_file: str, key: str, entries: list) -> dict:
-    """Each entry of the list an object with the FIELDS of its kind, ids unique -> {id: entry}."""
-    required, optional = FIELDS[key]
-
-    def wrong(position, entry, field, wanted):
-        return DataError(f"{_entry(ann_file, key, position, entry)}: '{field}' is "
-                         f"{_shown(entry[field])}, not {wanted}")
-
-    by_id = {}
+    """Each entry an object with its FIELDS (OPTIONAL ones right where given), ids unique and
+    category names too -> {id: entry}."""
+    needed, seen = FIELDS[key], {"id": {}, "name": {}} if key == "categories" else {"id": {}}
+    tests, names = needed | (OPTIONAL if key == "annotations" else {}), ", ".join(needed)
     for position, entry in enumerate(entries):
+        where = _where(ann_file, key, position, entry)
         if type(entry) is not dict:
-            raise DataError(f"{_entry(ann_file, key, position, entry)} is {_shown(entry)}, not "
-                            f"an object with {', '.join(required)}")
-        for field, (test, wanted) in required.items():
-            if field not in entry:
-                raise DataError(f"{_entry(ann_file, key, position, entry)}: '{field}' is missing "
-                                f"(each entry of '{key}' needs {', '.join(required)})")
-            if not test(entry[field]):
-                raise wrong(position, entry, field, wanted)
-        for field, (test, wanted) in optional.items():
+            raise DataError(f"{where} is {_shown(entry)}, not an object with {names}")
+        for field, (test, wanted) in tests.items():
+            if field in needed and field not in entry:
+                raise DataError(f"{where}: '{field}' is missing (each entry of '{key}' needs {names})")
             if field in entry and not test(entry[field]):
-                raise wrong(position, entry, field, wanted)
-        if by_id.setdefault(entry["id"], entry) is not entry:
-            first = next(i for i, e in enumerate(entries) if e["id"] == entry["id"])
-            raise DataError(f"{_entry(ann_file, key, position, entry)}: duplicate id "
-                            f"{entry['id']}, also {key}[{first}]'s; ids must be unique")
-    return by_id
-
-
-def _load_json(ann_file: str):
-    """The parsed file; DataError naming it when it cannot be read or is not JSON."""
-    try:
-        with open(ann_file, encoding="utf-8-sig") as f:  # -sig: a byte-order mark is harmless
-            text = f.read()
-    except UnicodeDecodeError as e:
-        raise DataError(f"{ann_file}: not UTF-8 text (byte {e.start}); a COCO annotation file "
-                        "is UTF-8 JSON") from e
-    except OSError as e:
-        raise DataError(f"{ann_file}: cannot read the annotation file ({e.strerror or e})") from e
-    if not text.strip():
-        raise DataError(f"{ann_file}: the file is empty; expected COCO-format JSON")
-    try:
-        return json.loads(text)
-    except (json.JSONDecodeError, RecursionError) as e:
-        raise DataError(f"{ann_file}: not valid JSON ({e})") from e
+                raise DataError(f"{where}: '{field}' is {_shown(entry[field])}, not {wanted}")
+        for field, first in seen.items():
+            if (k := first.setdefault(entry[field], position)) != position:
+                raise DataError(f"{where}: duplicate {field} {_shown(entry[field])}, also {key}[{k}]'s")
+    return {entry["id"]: entry for entry in entries}
 
 
 def _read_json(ann_file: str, require_annotations: bool) -> tuple[dict, dict]:
-    """Load a COCO-format file and check all of it but what annotations refer to (that is
-    _check_annotation's): (the data, {image id: image entry})."""
-    data = _load_json(ann_file)
+    """A COCO-format file, checked but for what annotations refer to -> (data, {id: image})."""
+    try:
+        with open(ann_file, encoding="utf-8-sig") as f:  # -sig: a byte-order mark is harmless
+            text = f.read()
+        data = json.loads(text) if text.strip() else None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{ann_file}: not UTF-8 text (byte {e.start}); COCO files are UTF-8 JSON") from e
+    except OSError as e:
+        raise DataError(f"{ann_file}: cannot read the annotation file ({e.strerror or e})") from e
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise DataError(f"{ann_file}: not valid JSON ({e})") from e
+    if not text.strip():
+        raise DataError(f"{ann_file}: the file is empty; expected COCO-format JSON")
     if type(data) is not dict:
-        raise DataError(f"{ann_file}: the top level is {JSON_TYPES[type(data)]}, not an object "
-                        "with 'images', 'annotations' and 'categories' lists; is this a "
-                        "COCO-format annotation file?")
-    keys = ["images", "categories"]
-    if require_annotations or "annotations" in data:  # optional: COCO test-dev's has none
-        keys.append("annotations")
-    for key in keys:
+        raise DataError(f"{ann_file}: the top level is {TYPES[type(data)]}, not an object with 'images', "
+                        "'annotations' and 'categories' lists; is this a COCO-format annotation file?")
+    optional = not require_annotations and "annotations" not in data  # COCO test-dev's has none
+    for key in ("images", "categories") + (() if optional else ("annotations",)):
         if type(data.get(key)) is not list:
             found = f" ('{key}' is {_shown(data[key])})" if key in data else ""
-            raise DataError(f"{ann_file}: no '{key}' list{found}; is this a COCO-format "
-                            "annotation file?")
+            raise DataError(f"{ann_file}: no '{key}' list{found}; is this a COCO-format annotation file?")
         if not data[key] and key != "annotations":  # no objects at all is valid, if useless
             raise DataError(f"{ann_file}: the '{key}' list is empty")
-    images = _check_entries(ann_file, "images", data["images"])
-    _check_entries(ann_file, "categories", data["categories"])
-    names = {}
-    for position, category in enumerate(data["categories"]):
-        first = names.setdefault(category["name"], position)
-        if first != position:  # two classes one name: pictures and category checks would lie
-            raise DataError(f"{_entry(ann_file, 'categories', position, category)}: duplicate "
-                            f"name {_shown(category['name'])}, also categories[{first}]'s")
-    _check_entries(ann_file, "annotations", data.get("annotations", []))
-    return data, images
+    return data, {key: _check_entries(ann_file, key, data.get(key, [])) for key in FIELDS}["images"]
 
 
-def _coco_api(data: dict) -> COCO:
-    """A pycocotools COCO object over an already loaded dict, without its progress prints."""
-    coco = COCO()
-    coco.dataset = data
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco.createIndex()
-    return coco
-
-
-def _check_annotation(ann: dict, position: int, images: dict, cat_to_class: dict,
-                      ann_file: str) -> None:
-    """The image and the category an annotation refers to exist."""
-    for field, known, where in (("image_id", images, "images"),
-                                ("category_id", cat_to_class, "categories")):
-        if ann[field] not in known:
-            raise DataError(f"{_entry(ann_file, 'annotations', position, ann)}: {field} "
-                            f"{ann[field]} is not in '{where}'")
-
-
-def _annotation_rows(data: dict, images: dict, ann_file: str, cat_to_class: dict,
-                     include_crowd: bool):
-    """Per image, the training rows [class, x1, y1, x2, y2]; and the annotations COCOeval scores
-    against: the same boxes, crowd ones included (COCO's ignore regions). A box of zero or
-    negative size or wholly outside its image is skipped for both, one partly outside is
-    clipped for both; one counted warning per kind of problem."""
-    rows = {image_id: [] for image_id in images}
-    kept = []
-    problems = {"zero or negative width/height, skipped": [], "outside the image, skipped": [],
-                "partly outside the image, clipped": []}
+def _kept_boxes(data: dict, images: dict, cat_to_class: dict, ann_file: str, include_crowd: bool):
+    """(training rows per image, the annotations COCOeval scores against, {problem: annotation ids}).
+    A box of zero or negative size or wholly outside its image is skipped for both, one partly
+    outside clipped for both; crowd boxes are scored (COCO's ignore regions), trained on if asked."""
+    rows, kept, problems = {image_id: [] for image_id in images}, [], {p: [] for p in SKIPS}
     for position, ann in enumerate(data.get("annotations", [])):
-        _check_annotation(ann, position, images, cat_to_class, ann_file)
-        x, y, w, h = box = ann["bbox"]
-        W, H = images[ann["image_id"]]["width"], images[ann["image_id"]]["height"]
-        x1, y1, x2, y2 = max(x, 0), max(y, 0), min(x + w, W), min(y + h, H)
-        if w <= 0 or h <= 0:
-            problems["zero or negative width/height, skipped"].append(ann["id"])
+        where = _where(ann_file, "annotations", position, ann)
+        for field, known, key in (("image_id", images, "images"),
+                                  ("category_id", cat_to_class, "categories")):
+            if ann[field] not in known:
+                raise DataError(f"{where}: {field} {ann[field]} is not in '{key}'")
+        (x, y, w, h), image = ann["bbox"], images[ann["image_id"]]
+        x1, y1, x2, y2 = max(x, 0), max(y, 0), min(x + w, image["width"]), min(y + h, image["height"])
+        problem = (SKIPS[0] if w <= 0 or h <= 0 else SKIPS[1] if x2 <= x1 or y2 <= y1 else
+                   SKIPS[2] if (x1, y1, x2, y2) != (x, y, x + w, y + h) else None)
+        problems.get(problem, []).append(ann["id"])
+        if problem in SKIPS[:2]:
             continue
-        if x2 <= x1 or y2 <= y1:
-            problems["outside the image, skipped"].append(ann["id"])
-            continue
-        if (x1, y1, x2, y2) != (x, y, x + w, y + h):
-            problems["partly outside the image, clipped"].append(ann["id"])
-            box = [x1, y1, x2 - x1, y2 - y1]
+        box = [x1, y1, x2 - x1, y2 - y1] if problem else ann["bbox"]
         area, crowd = ann.get("area", box[2] * box[3]), int(ann.get("iscrowd", 0))
         if area < 0:  # COCOeval would silently ignore the box (outside every area range)
-            raise DataError(f"{_entry(ann_file, 'annotations', position, ann)}: 'area' is "
-                            f"{_shown(area)}, not >= 0")
+            raise DataError(f"{where}: 'area' is {_shown(area)}, not >= 0")
         kept.append({"id": ann["id"], "image_id": ann["image_id"], "bbox": box, "area": area,
                      "category_id": ann["category_id"], "iscrowd": crowd})
         if include_crowd or not crowd:
-            rows[ann["image_id"]].append((cat_to_class[ann["category_id"]], x1, y1, x2, y2))
+            rows[ann["image_id"]].append((x1, y1, x2, y2, cat_to_class[ann["category_id"]], 1))
     for problem, ids in problems.items():
         if ids:
             warnings.warn(f"{ann_file}: {len(ids)} box(es) {problem}; annotation ids {ids[:5]}"
                           + (" ..." if len(ids) > 5 else ""), stacklevel=3)
-    return [rows[image["id"]] for image in data["images"]], kept
+    return [rows[image["id"]] for image in data["images"]], kept, problems
+
+
+def _decode(path: str, reduce: int = 1) -> tuple[Image.Image, tuple[int, int]]:
+    """(8-bit RGB at 1/reduce of the size, upright by the EXIF orientation as OpenCV's imread in the
+    release; the full upright size). A JPEG decodes at that size directly (DCT scaling, draft),
+    anything else is averaged over reduce x reduce blocks. DataError if it cannot be decoded."""
+    try:
+        with Image.open(path) as image:
+            W, H = image.size
+            full = (H, W) if image.getexif().get(0x0112, 1) in (5, 6, 7, 8) else (W, H)
+            if reduce > 1:
+                image.draft(image.mode, (max(1, W // reduce), max(1, H // reduce)))
+            image.load()  # decode now, while the file is open
+            drafted = image.size != (W, H)
+            ImageOps.exif_transpose(image, in_place=True)
+            if image.mode.startswith("I"):  # 16-bit grayscale: convert("RGB") would clip at 255
+                image = Image.fromarray((np.asarray(image).clip(0, 65535) / 257).round().astype(np.uint8))
+            image = image if image.mode == "RGB" else image.convert("RGB")  # L, P, RGBA (alpha dropped), CMYK
+            return (image.reduce(reduce) if reduce > 1 and not drafted else image), full
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise DataError(f"{path}: cannot read the image ({e})") from e
 
 
 def open_rgb(path: str) -> Image.Image:
     """Decode an image file as 8-bit RGB, upright by its EXIF orientation; DataError if not."""
-    try:
-        with Image.open(path) as image:
-            image.load()  # decode now, while the file is open
-            ImageOps.exif_transpose(image, in_place=True)  # as OpenCV's imread in the release
-            if image.mode.startswith("I"):  # 16-bit grayscale: convert("RGB") would clip at 255
-                gray = np.asarray(image).astype(np.float32).clip(0, 65535) / 257
-                return Image.fromarray(gray.round().astype(np.uint8)).convert("RGB")
-            # L, P, LA, RGBA (alpha dropped, as OpenCV), CMYK; RGB as it is (no copy)
-            return image if image.mode == "RGB" else image.convert("RGB")
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise DataError(f"{path}: cannot read the image ({e})") from e
+    return _decode(path)[0]
 
 
 class CocoDetection:
@@ -364,57 +228,49 @@ class CocoDetection:
         self.ann_file = str(ann_file)
         self.cat_ids = sorted(c["id"] for c in data["categories"])  # class k <-> cat_ids[k]
         self.cat_to_class = {cat_id: k for k, cat_id in enumerate(self.cat_ids)}
-        names = {c["id"]: c["name"] for c in data["categories"]}
-        self.class_names = [names[cat_id] for cat_id in self.cat_ids]
+        self.class_names = [c["name"] for c in sorted(data["categories"], key=lambda c: c["id"])]
         self.ids = [image["id"] for image in data["images"]]
-        rows, kept = _annotation_rows(data, images, ann_file, self.cat_to_class, include_crowd)
-        # COCOeval scores against exactly what was kept here: the file's boxes less the skipped
-        # ones, clipped where clipped (not the file as it is)
-        ground_truth = {k: v for k, v in data.items() if k != "annotations"}
-        if "annotations" in data:
-            ground_truth["annotations"] = kept
-        self.coco = _coco_api(ground_truth)
-        # Per-sample data lives in numpy arrays, not lists of Python objects, so that forked
-        # DataLoader workers do not copy it page by page through reference counts.
+        rows, kept, self.skipped = _kept_boxes(data, images, self.cat_to_class, ann_file, include_crowd)
+        self.coco = COCO()  # COCOeval scores what was kept: the file's boxes less the skipped, clipped
+        self.coco.dataset = {k: v for k, v in data.items() if k != "annotations"} | (
+            {"annotations": kept} if "annotations" in data else {})
+        with contextlib.redirect_stdout(io.StringIO()):  # without pycocotools' progress prints
+            self.coco.createIndex()
+        # numpy arrays, not Python objects: forked workers do not copy them page by page (refcounts)
         self._files = np.array([os.path.join(image_dir, im["file_name"]) for im in data["images"]])
         self._sizes = np.array([(im["width"], im["height"]) for im in data["images"]], np.int64)
         self._first = np.cumsum([0] + [len(r) for r in rows])  # image i: rows first[i]:first[i+1]
-        self._rows = np.array([row for r in rows for row in r], np.float32).reshape(-1, 5)
-        self._check_files(image_dir)
-
-    def _check_files(self, image_dir):
-        missing = [i for i, path in enumerate(self._files) if not os.path.isfile(path)]
-        if missing:
-            i = missing[0]
-            raise DataError(
-                f"{self.ann_file}: {len(missing)} of {len(self)} image files are missing under "
-                f"{image_dir}, e.g. {self._files[i]} (image id {self.ids[i]}); wrong folder?")
+        self._rows = np.array([row for r in rows for row in r], np.float32).reshape(-1, 6)
+        if missing := [i for i, path in enumerate(self._files) if not os.path.isfile(path)]:
+            raise DataError(f"{self.ann_file}: {len(missing)} of {len(self)} image files are missing under "
+                            f"{image_dir}, e.g. {self._files[missing[0]]} (image id {self.ids[missing[0]]}); "
+                            "wrong folder?")
 
     def __len__(self) -> int:
         return len(self.ids)
 
-    def open(self, index: int) -> Image.Image:
-        """The image as PIL RGB, checked against the size the annotation file gives."""
-        image = open_rgb(str(self._files[index]))
-        if image.size != tuple(self._sizes[index]):
-            W, H = self._sizes[index]
-            raise DataError(f"{self._files[index]}: decoded size {image.size[0]}x{image.size[1]} "
-                            f"(after EXIF rotation) is not the {W}x{H} of {self.ann_file}")
+    def open(self, index: int, reduce: int = 1) -> Image.Image:
+        """The image as PIL RGB at 1/reduce of its size (ceil); DataError naming the file if it
+        cannot be decoded or is not the size the annotation file gives."""
+        image, size = _decode(str(self._files[index]), reduce)
+        if size != tuple(self._sizes[index]):
+            raise DataError(f"{self._files[index]}: decoded size {size[0]}x{size[1]} (after EXIF rotation) "
+                            f"is not the {self._sizes[index, 0]}x{self._sizes[index, 1]} of {self.ann_file}")
         return image
 
     def load_image(self, index: int) -> tuple[np.ndarray, int]:
-        """(uint8 (H, W, 3) RGB, image id); DataError names the file when it cannot be used."""
+        """(uint8 (H, W, 3) RGB, image id)."""
         return np.array(self.open(index)), self.ids[index]  # a writable copy, for torch
 
     def load_targets(self, index: int) -> np.ndarray:
-        """float32 (N, 5) [class, x1, y1, x2, y2] in image pixels (crowd left out unless asked)."""
+        """Rows (N, 6) [x1, y1, x2, y2, class, 1] in image pixels (crowd ones only if asked)."""
         return self._rows[self._first[index]:self._first[index + 1]].copy()
 
 
 # ----------------------------------------------------------------------------------------------
-# The built-in synthetic set: coloured shapes of 8 px to 60% of the image on textured
-# backgrounds, a few per image (scale conflict in one image, Sec. 1), drawn large to small so
-# that small ones partly hide large ones.
+# The demo's data: coloured shapes of 8 px to 60% of the image on textured backgrounds, a few per
+# image, so that one image holds objects of very different scales (Sec. 1's scale conflict),
+# drawn large to small so that small ones partly hide large ones.
 
 SYNTHETIC_CLASSES = (  # (name, shape, RGB): distinct in shape and in colour, so it learns fast
     ("red circle", "circle", (220, 40, 40)),
@@ -466,8 +322,7 @@ def _place(rng, w, h, width, height, placed, max_hidden=0.35):
     (placed: (K, 4) corners), or None after 20 tries."""
     for _ in range(20):
         x, y = int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1))
-        lt = np.maximum(placed[:, :2], (x, y))
-        rb = np.minimum(placed[:, 2:], (x + w, y + h))
+        lt, rb = np.maximum(placed[:, :2], (x, y)), np.minimum(placed[:, 2:], (x + w, y + h))
         hidden = np.prod(np.clip(rb - lt, 0, None), 1)  # (K,) overlap areas
         if (hidden <= max_hidden * np.prod(placed[:, 2:] - placed[:, :2], 1)).all():
             return x, y
@@ -485,8 +340,7 @@ def draw_scene(rng: np.random.Generator, width: int, height: int, max_objects: i
     objects, placed = [], []
     for side in sorted(sides, reverse=True):  # large first, so small ones are not hidden
         aspect = np.exp(rng.uniform(-0.3, 0.3))
-        w = int(np.clip(round(side * aspect), 8, width))
-        h = int(np.clip(round(side / aspect), 8, height))
+        w, h = int(np.clip(round(side * aspect), 8, width)), int(np.clip(round(side / aspect), 8, height))
         cls = int(rng.integers(len(SYNTHETIC_CLASSES)))
         xy = _place(rng, w, h, width, height, np.array(placed, np.int64).reshape(-1, 4))
         if xy is None:
@@ -498,22 +352,22 @@ def draw_scene(rng: np.random.Generator, width: int, height: int, max_objects: i
     return image, objects
 
 
-def _write_split(folder: Path, split: str, n: int, width: int, height: int, seed: int,
-                 stream: int, fmt: str = "png", max_objects: int = 6) -> None:
-    """Images folder/split/*.png and folder/split.json (COCO format); image i of the split drawn
-    from its own random stream [seed, stream, i]."""
+# ----------------------------------------------------------------------------------------------
+# Plumbing: writing and caching the synthetic set
+
+def _write_split(folder: Path, split: str, n: int, width: int, height: int, seed: int, stream: int,
+                 fmt: str = "png", max_objects: int = 6) -> None:
+    """folder/split/*.png and folder/split.json (COCO format); image i from the stream [seed, stream, i]."""
     (folder / split).mkdir(parents=True)
     images, annotations = [], []
     for i in range(n):
-        image, objects = draw_scene(np.random.default_rng([seed, stream, i]), width, height,
-                                    max_objects)
-        name = f"{i:06d}.{fmt}"
-        image.save(folder / split / name, **({"quality": 90} if fmt == "jpg" else
-                                             {"compress_level": 1}))
-        images.append({"id": i + 1, "file_name": name, "width": width, "height": height})
-        for cls, (x, y, w, h) in objects:
-            annotations.append({"id": len(annotations) + 1, "image_id": i + 1, "bbox": [x, y, w, h],
-                                "category_id": cls + 1, "area": w * h, "iscrowd": 0})
+        image, objects = draw_scene(np.random.default_rng([seed, stream, i]), width, height, max_objects)
+        image.save(folder / split / f"{i:06d}.{fmt}", **({"quality": 90} if fmt == "jpg" else
+                                                         {"compress_level": 1}))
+        images.append({"id": i + 1, "file_name": f"{i:06d}.{fmt}", "width": width, "height": height})
+        annotations += [{"id": len(annotations) + k + 1, "image_id": i + 1, "bbox": [x, y, w, h],
+                         "category_id": cls + 1, "area": w * h, "iscrowd": 0}
+                        for k, (cls, (x, y, w, h)) in enumerate(objects)]
     categories = [{"id": k + 1, "name": name, "supercategory": "shape"}
                   for k, (name, _, _) in enumerate(SYNTHETIC_CLASSES)]
     data = {"info": {"description": "asff synthetic shapes", "seed": seed}, "images": images,
@@ -525,8 +379,8 @@ def make_synthetic(root: str | None = None, n_train: int = 1024, n_val: int = 64
                    image_size: int = 192, seed: int = 0) -> dict:
     """Generate the synthetic set once into root/synthetic-<hash of the arguments> (root default:
     $ASFF_CACHE or ~/.cache/asff) and return its paths. Same arguments -> identical files."""
-    params = {"version": SYNTHETIC_VERSION, "n_train": n_train, "n_val": n_val,
-              "image_size": image_size, "seed": seed}
+    params = {"version": SYNTHETIC_VERSION, "n_train": n_train, "n_val": n_val, "image_size": image_size,
+              "seed": seed}
     digest = hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:10]
     root = Path(root or os.environ.get("ASFF_CACHE") or Path.home() / ".cache" / "asff")
     folder = root / f"synthetic-{digest}"
@@ -545,41 +399,61 @@ def make_synthetic(root: str | None = None, n_train: int = 1024, n_val: int = 64
 
 
 # ----------------------------------------------------------------------------------------------
-# Augmentation (as released: docs/released-code.md, augmentation).
-# Rows are float (N, 6) [x1, y1, x2, y2, class, mix].
+# Augmentation, as released (docs/released-code.md, augmentation): colour
 
-
-def color_distort(image: Image.Image, brightness: float = 0.0, contrast: float = 1.0,
-                  hue: int = 0, saturation: float = 1.0) -> Image.Image:
-    """The released colour steps: x -> clip(clip(x + brightness) * contrast); HSV hue + hue
-    (OpenCV units: 180 is a full turn); HSV saturation * saturation. Look-up tables and PIL's
-    channel operations keep it at C speed."""
-    if brightness != 0 or contrast != 1:
-        lut = np.clip(np.clip(np.arange(256) + brightness, 0, 255) * contrast, 0, 255)
-        image = image.point(np.tile(lut.round().astype(np.uint8), 3).tolist())
-    if hue != 0:
-        h, s, v = image.convert("HSV").split()
-        shift = round(hue * 256 / 180)  # PIL's hue runs 0..255 for a full turn
-        image = Image.merge("HSV", (h.point([(i + shift) % 256 for i in range(256)]), s, v))
-        image = image.convert("RGB")
-    if saturation != 1:
-        # S = (V - min) / V with V = max(R, G, B): scaling S by s keeping V and the hue is
-        # c -> V - s * (V - c) per channel, without a second HSV round trip (9 ms at 640x480).
-        # Where s * S > 1 the channels are clipped at 0 (HSV would clip S at 1).
-        r, g, b = image.split()
-        v = ImageChops.lighter(ImageChops.lighter(r, g), b)
-        image = Image.blend(Image.merge("RGB", (v, v, v)), image, saturation)  # v + s * (c - v)
-    return image
-
-
-def photometric(image: Image.Image, rng: np.random.Generator) -> Image.Image:
-    """The released draws (docs/released-code.md, augmentation), each step with p = 0.5."""
+def draw_colour(rng: np.random.Generator) -> tuple[float, float, int, float]:
+    """The released colour draws, each step with p = 0.5 -> color_distort's arguments."""
     brightness = rng.uniform(-32, 32) if rng.random() < 0.5 else 0.0
     contrast = rng.uniform(0.5, 1.5) if rng.random() < 0.5 else 1.0
     hue = int(rng.integers(-18, 19)) if rng.random() < 0.5 else 0
     saturation = rng.uniform(0.5, 1.5) if rng.random() < 0.5 else 1.0
-    return color_distort(image, brightness, contrast, hue, saturation)
+    return brightness, contrast, hue, saturation
 
+
+def color_distort(image: Image.Image, brightness: float = 0.0, contrast: float = 1.0, hue: int = 0,
+                  saturation: float = 1.0) -> Image.Image:
+    """The released colour steps in order: x -> clip(clip(x + brightness) * contrast) (one look-up
+    table); HSV hue + hue; HSV saturation * saturation."""
+    if brightness != 0 or contrast != 1:
+        lut = np.clip(np.clip(np.arange(256) + brightness, 0, 255) * contrast, 0, 255)
+        image = image.point(np.tile(lut.round().astype(np.uint8), 3).tolist())
+    image = rotate_hue(image, hue) if hue != 0 else image
+    return saturate(image, saturation) if saturation != 1 else image
+
+
+# PIL's 8-bit hue H makes a full turn in 255 steps, 6 sextants. Channel c holds the share
+# g_c(H) = clip(2 - d, 0, 1) of the chroma V - min, d the distance in sextants from the channel's
+# own hue (R 0, G 2, B 4): 1 where it is the largest channel, 0 where the smallest.
+_SEXTANTS = np.arange(256) * 6 / 255
+SHORTFALL = [(1 - np.clip(2 - np.abs((_SEXTANTS - centre + 3) % 6 - 3), 0, 1)).astype(np.float32)
+             for centre in (0, 2, 4)]  # 1 - g_c(H) for R, G, B
+
+
+def rotate_hue(image: Image.Image, hue: int) -> Image.Image:
+    """HSV hue + hue (OpenCV units: 180 is a full turn), saturation and value kept. PIL converts to
+    HSV; back to RGB by c = V - V S (1 - g_c(H)): PIL's HSV -> RGB values (every 24-bit colour
+    checked) at half its cost."""
+    hsv = np.asarray(image.convert("HSV"))  # (H, W, 3) uint8
+    h = hsv[..., 0] + np.uint8(round(hue * 256 / 180) % 256)  # (H, W), wraps at 256 (uint8)
+    v = hsv[..., 2].astype(np.float32)  # (H, W)
+    chroma = v * hsv[..., 1] * np.float32(1 / 255)  # (H, W) V S = max - min
+    rgb = np.empty_like(hsv)  # (H, W, 3)
+    for c in range(3):
+        rgb[..., c] = np.rint(v - chroma * SHORTFALL[c][h])
+    return Image.fromarray(rgb)
+
+
+def saturate(image: Image.Image, s: float) -> Image.Image:
+    """HSV saturation * s, hue and value kept, in RGB: S = (V - min) / V with V = max(R, G, B), so
+    c -> V - s (V - c) (no second HSV round trip); where s S > 1 channels clip at 0 (HSV: S at 1)."""
+    r, g, b = image.split()
+    v = ImageChops.lighter(ImageChops.lighter(r, g), b)
+    return Image.blend(Image.merge("RGB", (v, v, v)), image, s)  # v + s (c - v)
+
+
+# ----------------------------------------------------------------------------------------------
+# Augmentation: the geometric steps. Each returns its 3x3 matrix (old pixels -> new pixels), the
+# moved rows and the new canvas size; only the product of the matrices touches the pixels.
 
 def _translation(tx: float, ty: float) -> np.ndarray:
     return np.array([[1, 0, tx], [0, 1, ty], [0, 0, 1]], np.float64)
@@ -606,14 +480,12 @@ def expand(rng, rows, wh):
     return T, _move_boxes(T, rows), (w, h)
 
 
-def _iou(rois: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-    """(R, 4) x (N, 4) corner boxes -> (R, N) IoU."""
-    lt = np.maximum(rois[:, None, :2], boxes[None, :, :2])
-    rb = np.minimum(rois[:, None, 2:], boxes[None, :, 2:])
-    inter = np.prod(np.clip(rb - lt, 0, None), axis=2)
-    area_r = (rois[:, 2] - rois[:, 0]) * (rois[:, 3] - rois[:, 1])
-    area_b = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-    return inter / (area_r[:, None] + area_b[None] - inter)
+def pairwise_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(R, 4) x (N, 4) corner boxes [x1, y1, x2, y2] -> (R, N) IoU of every pair."""
+    lt, rb = np.maximum(a[:, None, :2], b[None, :, :2]), np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.prod(np.clip(rb - lt, 0, None), axis=2)  # (R, N)
+    area_a, area_b = np.prod(a[:, 2:] - a[:, :2], 1), np.prod(b[:, 2:] - b[:, :2], 1)
+    return inter / (area_a[:, None] + area_b[None] - inter)
 
 
 CROP_MIN_IOU = (None, 0.1, 0.3, 0.5, 0.7, 0.9, -np.inf)  # SSD modes; None = no crop
@@ -624,21 +496,18 @@ def ssd_crop(rng, rows, wh, tries=50):
     drawn mode's minimum; boxes whose centre falls inside are kept and clipped."""
     W, H = wh
     identity = (np.eye(3), rows, wh)
-    if len(rows) == 0:
-        return identity
-    for _ in range(50):  # the release retries modes forever; 50 modes make failure negligible
+    for _ in range(50 if len(rows) else 0):  # the release retries forever; 50 modes fail seldom
         min_iou = CROP_MIN_IOU[rng.integers(len(CROP_MIN_IOU))]
         if min_iou is None:
             return identity
         scale = rng.uniform(0.3, 1, tries)  # the release's 50 windows, drawn at once
         ratio = np.sqrt(rng.uniform(np.maximum(0.5, scale**2), np.minimum(2, 1 / scale**2)))
-        w = np.maximum(1, (scale * ratio * W).astype(int))
-        h = np.maximum(1, (scale / ratio * H).astype(int))
+        w, h = np.maximum(1, (scale * ratio * W).astype(int)), np.maximum(1, (scale / ratio * H).astype(int))
         left, top = rng.integers(0, W - w + 1), rng.integers(0, H - h + 1)
         rois = np.stack([left, top, left + w, top + h], 1).astype(np.float64)  # (tries, 4)
         centres = (rows[:, :2] + rows[:, 2:4]) / 2  # (N, 2)
         inside = ((rois[:, None, :2] < centres) & (centres < rois[:, None, 2:])).all(2)  # (R, N)
-        ok = (_iou(rois, rows[:, :4]).min(1) >= min_iou) & inside.any(1)
+        ok = (pairwise_iou(rois, rows[:, :4]).min(1) >= min_iou) & inside.any(1)
         if ok.any():
             k = int(np.argmax(ok))
             kept = rows[inside[k]].copy()
@@ -659,17 +528,14 @@ def random_affine(rng, rows, wh, degrees=10.0, translate=0.1, scale=0.1, shear=2
     canvas of the same size. Boxes: enclosing box of the moved corners, shrunk by
     sqrt(max(|sin a|, |cos a|)) about its centre (the release's correction), clipped."""
     W, H = wh
-    a = math.radians(rng.uniform(-degrees, degrees))
-    s = rng.uniform(1 - scale, 1 + scale)
+    a, s = math.radians(rng.uniform(-degrees, degrees)), rng.uniform(1 - scale, 1 + scale)
     alpha, beta = s * math.cos(a), s * math.sin(a)  # OpenCV's getRotationMatrix2D(centre, a, s)
     R = np.array([[alpha, beta, (1 - alpha) * W / 2 - beta * H / 2],
                   [-beta, alpha, beta * W / 2 + (1 - alpha) * H / 2], [0, 0, 1]])
-    # x shifts by a fraction of the width and y of the height (the release swaps them:
-    # docs/released-code.md, augmentation)
+    # x shifts by a fraction of the width, y of the height (the release swaps them)
     T = _translation(rng.uniform(-translate, translate) * W, rng.uniform(-translate, translate) * H)
     sx, sy = (math.tan(math.radians(rng.uniform(-shear, shear))) for _ in range(2))
-    S = np.array([[1, sx, 0], [sy, 1, 0], [0, 0, 1]])
-    A = S @ T @ R
+    A = np.array([[1, sx, 0], [sy, 1, 0], [0, 0, 1]]) @ T @ R
     out = _move_boxes(A, rows)
     centre, half = (out[:, :2] + out[:, 2:4]) / 2, (out[:, 2:4] - out[:, :2]) / 2
     half *= math.sqrt(max(abs(math.sin(a)), abs(math.cos(a))))
@@ -697,60 +563,116 @@ def geometry(rng, rows, wh, size):
     return T @ M, _move_boxes(T, rows), window
 
 
-def warp(image: Image.Image, M: np.ndarray, size: int, resample=Image.BILINEAR,
-         window=None) -> Image.Image:
-    """The size x size image whose pixel p shows source pixel M^-1 p if it lies in the window
-    (x1, y1, x2, y2; default the whole image), else the mean colour."""
-    if window is not None:  # integers: expand offsets, crop windows and mirroring are whole pixels
-        x1, y1 = max(0, round(window[0])), max(0, round(window[1]))
-        x2, y2 = min(image.width, round(window[2])), min(image.height, round(window[3]))
-        image, M = image.crop((x1, y1, x2, y2)), M @ _translation(x1, y1)
+# ----------------------------------------------------------------------------------------------
+# Augmentation: every draw of a sample first (a Plan, from its boxes and image size), then pixels
+
+class Plan(NamedTuple):
+    colour: tuple  # color_distort's (brightness, contrast, hue, saturation)
+    M: np.ndarray  # (3, 3) source pixels -> output pixels: the product of the geometric steps
+    window: tuple  # (x1, y1, x2, y2) of the source that the crop keeps; the rest: the mean colour
+    resample: int  # Image.NEAREST or Image.BILINEAR
+    rows: np.ndarray  # (N, 6) in output pixels
+
+
+NO_COLOUR = (0.0, 1.0, 0, 1.0)  # color_distort's arguments that change nothing
+
+
+def plain_resize(rows: np.ndarray, wh, size: int) -> Plan:
+    """No augmentation: the image resized to size x size, bilinear, with all its boxes."""
+    M = resize_matrix(wh, size)
+    return Plan(NO_COLOUR, M, (0, 0, *wh), Image.BILINEAR, _move_boxes(M, rows))
+
+
+def draw_augmentation(rng: np.random.Generator, rows: np.ndarray, wh, size: int, min_size=6.0) -> Plan:
+    """The released draws for a W x H image: colour, the geometric steps, the resampling; boxes
+    whose shorter side is not above min_size dropped; if none is left, plain_resize (as released)."""
+    colour = draw_colour(rng)
+    M, out, window = geometry(rng, rows, wh, size)
+    out = out[np.minimum(out[:, 2] - out[:, 0], out[:, 3] - out[:, 1]) > min_size]
+    resample = (Image.NEAREST, Image.BILINEAR)[rng.integers(2)]
+    if len(rows) and not len(out):
+        return plain_resize(rows, wh, size)
+    return Plan(colour, M, tuple(window), resample, out)
+
+
+def reduction(M: np.ndarray) -> int:
+    """The coarsest decoding scale 1/k (k = 1, 2, 4, 8) with a source pixel per output pixel still."""
+    stretch = np.linalg.norm(M[:2, :2], 2)  # the most output pixels per source pixel, any direction
+    return int(2 ** np.clip(np.floor(-np.log2(stretch)), 0, 3))
+
+
+def warp(image: Image.Image, M: np.ndarray, size: int, resample=Image.BILINEAR) -> Image.Image:
+    """The size x size image whose pixel p shows source pixel M^-1 p, the mean colour where that
+    falls outside the image: zoom out, crop, flip, affine and resize in one resampling."""
+    if resample == Image.BILINEAR and M[0, 1] == M[1, 0] == 0 and M[1, 1] > 0:
+        return _scale(image, M, size)
     inverse = np.linalg.inv(M)[:2].ravel()
     return image.transform((size, size), Image.AFFINE, tuple(inverse), resample, fillcolor=FILL)
 
 
-def augment(image: Image.Image, rows: np.ndarray, rng: np.random.Generator, size: int,
-            min_size: float = 6.0):
-    """Photometric then geometric augmentation to size x size; boxes with a side <= min_size
-    dropped; if none is left, the un-augmented image with all its boxes (as released)."""
-    distorted = photometric(image, rng)
-    M, out, window = geometry(rng, rows, image.size, size)
-    out = out[np.minimum(out[:, 2] - out[:, 0], out[:, 3] - out[:, 1]) > min_size]
-    resample = (Image.NEAREST, Image.BILINEAR)[rng.integers(2)]
-    if len(rows) and not len(out):
-        M = resize_matrix(image.size, size)
-        return warp(image, M, size), _move_boxes(M, rows)
-    return warp(distorted, M, size, resample, window), out
+def _scale(image: Image.Image, M: np.ndarray, size: int) -> Image.Image:
+    """warp's bilinear M of scale, shift and mirroring only, by PIL's resize (3x faster than its
+    general warp, and it averages where it shrinks): the output pixels the image covers whole."""
+    (sx, _, tx), (_, sy, ty) = M[:2]
+    x1, x2 = sorted((tx, tx + sx * image.width))  # the image's columns in the output
+    a, b = max(0, math.ceil(x1 - 1e-9)), min(size, math.floor(x2 + 1e-9))
+    c, d = max(0, math.ceil(ty - 1e-9)), min(size, math.floor(ty + sy * image.height + 1e-9))
+    out = Image.new("RGB", (size, size), FILL) if (a, c, b, d) != (0, 0, size, size) else None
+    if b <= a or d <= c:
+        return out
+    u1, u2 = sorted(((a - tx) / sx, (b - tx) / sx))  # (a, b) and (c, d) in the source
+    box = (max(0, u1), max(0, (c - ty) / sy), min(image.width, u2), min(image.height, (d - ty) / sy))
+    part = image.resize((b - a, d - c), Image.BILINEAR, box=box)
+    part = part.transpose(Image.FLIP_LEFT_RIGHT) if sx < 0 else part
+    if out is None:
+        return part
+    out.paste(part, (a, c))
+    return out
 
+
+def _cut(image: Image.Image, box: tuple) -> Image.Image:
+    """image.crop(box), black beyond the image; no copy if box is the whole image."""
+    return image if box == (0, 0, *image.size) else image.crop(box)
+
+
+def render(images: list, lam: float, plan: Plan, size: int, reduce: int = 1) -> Image.Image:
+    """A sample's pixels from its decoded image(s) (at 1/reduce of their size): mixup and colour on
+    the window alone (both go pixel by pixel: the same pixels for less work), one warp to the size."""
+    W, H = max(im.width for im in images), max(im.height for im in images)  # mixup's canvas
+    x1, y1, x2, y2 = (round(v / reduce) for v in plan.window)
+    x1, y1 = max(0, x1), max(0, y1)
+    box = (x1, y1, max(x1 + 1, min(W, x2)), max(y1 + 1, min(H, y2)))
+    image = mixup(*images, lam, box) if len(images) == 2 else _cut(images[0], box)
+    image = color_distort(image, *plan.colour)
+    M = plan.M @ np.diag([reduce, reduce, 1.0]) @ _translation(x1, y1)  # box pixels -> output pixels
+    return warp(image, M, size, plan.resample)
+
+
+# ----------------------------------------------------------------------------------------------
+# Mixup (Sec. 3.1, bag of freebies)
 
 def draw_mixup(rng: np.random.Generator, index: int, n: int) -> tuple[float, int]:
     """Mixup ratio lambda ~ Beta(1.5, 1.5) and a partner drawn uniformly among the other images."""
-    lam = float(np.clip(rng.beta(1.5, 1.5), 0, 1))
-    partner = int(rng.integers(n - 1))
+    lam, partner = float(np.clip(rng.beta(1.5, 1.5), 0, 1)), int(rng.integers(n - 1))
     return lam, partner + (partner >= index)
 
 
-def mixup(image1, rows1, image2, rows2, lam: float):
-    """Bag of freebies (Sec. 3.1): both images top-left on a (max H, max W) canvas,
-    blended = lam * image1 + (1 - lam) * image2; each box carries its image's ratio."""
-    W, H = max(image1.width, image2.width), max(image1.height, image2.height)
+def mixup(image1: Image.Image, image2: Image.Image, lam: float, box=None) -> Image.Image:
+    """Both images top-left on a (max W, max H) canvas, black where one does not reach (as
+    released), blended = lam * image1 + (1 - lam) * image2; made only in box (default: all)."""
+    box = box or (0, 0, max(image1.width, image2.width), max(image1.height, image2.height))
+    return Image.blend(_cut(image1, box), _cut(image2, box), 1 - lam)  # im1 (1 - a) + im2 a
 
-    def padded(image):  # top-left on a black W x H canvas (no renormalisation, as released)
-        if image.size == (W, H):
-            return image
-        canvas = Image.new("RGB", (W, H))
-        canvas.paste(image, (0, 0))
-        return canvas
 
-    blended = Image.blend(padded(image1), padded(image2), 1 - lam)  # im1 (1 - a) + im2 a
+def mixup_rows(rows1: np.ndarray, rows2: np.ndarray, lam: float) -> np.ndarray:
+    """Both images' rows, each box carrying its image's ratio (lam, 1 - lam) as its mix."""
     rows1, rows2 = rows1.copy(), rows2.copy()
     rows1[:, 5], rows2[:, 5] = lam, 1 - lam
-    return blended, np.concatenate([rows1, rows2])
+    return np.concatenate([rows1, rows2])
 
 
 # ----------------------------------------------------------------------------------------------
 # Training set, batching, random shapes
-
 
 class TrainDataset(torch.utils.data.Dataset):
     """Augmented (and mixed) training samples at a fixed size; see the module docstring."""
@@ -761,7 +683,7 @@ class TrainDataset(torch.utils.data.Dataset):
             raise DataError(f"{data.ann_file}: no 'annotations'; cannot train on it")
         self.data, self.size, self.seed, self.min_size = data, size, seed, min_size
         self.mixup, self.augment, self.epoch = mixup, augment, 0
-        self.unreadable = 0  # images skipped so far in this process (each worker counts its own)
+        self.unreadable = set()  # images found unreadable in this process (each worker its own)
 
     def set_epoch(self, epoch: int) -> None:
         """New draws for every sample; call before iterating the epoch's DataLoader."""
@@ -770,37 +692,41 @@ class TrainDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.data)
 
-    def _load(self, index: int):
-        """PIL image and rows [x1, y1, x2, y2, class, 1]; an unreadable image is replaced by the
-        next readable one with a warning, so a bad file never stops an epoch."""
+    def _readable(self, index: int) -> int:
+        """index, or the next image not yet found unreadable: a bad file never stops an epoch."""
         for j in ((index + k) % len(self) for k in range(len(self))):
-            try:
-                image = self.data.open(j)
-            except DataError as e:
-                self.unreadable += 1
-                warnings.warn(f"{e}; training on the next image instead ({self.unreadable} "
-                              "unreadable so far in this process)", stacklevel=2)
-                continue
-            targets = self.data.load_targets(j)  # [class, x1, y1, x2, y2]
-            ones = np.ones((len(targets), 1), np.float32)
-            return image, np.concatenate([targets[:, 1:], targets[:, :1], ones], 1)
+            if j not in self.unreadable:
+                return j
         raise DataError(f"{self.data.ann_file}: no readable image at all")
 
     def __getitem__(self, index: int):
-        rng = np.random.default_rng([self.seed, self.epoch, index])  # per-sample stream
-        image, rows = self._load(index)
+        """(uint8 (3, size, size), float32 rows (N, 6) in input pixels)."""
+        sample = None
+        while sample is None:  # None: an image turned out unreadable; drawn again without it
+            sample = self._sample(index)
+        return sample
+
+    def _sample(self, index: int):
+        rng = np.random.default_rng([self.seed, self.epoch, index])  # the sample's own stream
+        picks, lam = [self._readable(index)], 1.0
         if self.mixup and len(self) > 1:
             lam, partner = draw_mixup(rng, index, len(self))
-            image, rows = mixup(image, rows, *self._load(partner), lam)
-        if self.augment:
-            image, rows = augment(image, rows, rng, self.size, self.min_size)
-        else:
-            M = resize_matrix(image.size, self.size)
-            image, rows = warp(image, M, self.size), _move_boxes(M, rows)
-        x1, y1, x2, y2, cls, mix = rows.T
-        target = np.stack([cls, (x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1, mix], 1)
-        return (torch.from_numpy(np.array(image)).permute(2, 0, 1),  # (3, S, S) uint8
-                torch.from_numpy(target.astype(np.float32)).reshape(-1, 6))  # (N, 6)
+            picks.append(self._readable(partner))
+        rows = [self.data.load_targets(j) for j in picks]
+        rows = mixup_rows(*rows, lam) if len(picks) == 2 else rows[0]  # (N, 6)
+        canvas = tuple(self.data._sizes[picks].max(0))  # mixup's (max W, max H)
+        plan = (draw_augmentation(rng, rows, canvas, self.size, self.min_size) if self.augment
+                else plain_resize(rows, canvas, self.size))
+        reduce, images = reduction(plan.M), []
+        for j in picks:
+            try:
+                images.append(self.data.open(j, reduce))
+            except DataError as e:
+                self.unreadable.add(j)
+                warnings.warn(f"{e}; training on the next image instead ({len(self.unreadable)} "
+                              "unreadable so far in this process)", stacklevel=3)
+                return None
+        return to_tensor(render(images, lam, plan, self.size, reduce)), torch.from_numpy(plan.rows)
 
 
 def ignore_stop_signals(worker_id: int) -> None:
@@ -811,11 +737,22 @@ def ignore_stop_signals(worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def _normalize_batch(x: torch.Tensor) -> torch.Tensor:
-    """(B, 3, H, W) in 0..255 -> (x / 255 - MEAN) / STD, as a new float tensor."""
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    """PIL RGB -> uint8 (3, H, W), contiguous: PIL splits the channels (so collate's conversion to
+    float reads contiguous planes, 3x faster than through a permuted view)."""
+    return torch.from_numpy(np.stack([np.asarray(band) for band in image.split()]))
+
+
+def loss_targets(rows: torch.Tensor) -> torch.Tensor:
+    """Rows (N, 6) [x1, y1, x2, y2, class, mix] -> the loss's (N, 6) [class, cx, cy, w, h, mix]."""
+    x1, y1, x2, y2, cls, mix = rows.unbind(1)
+    return torch.stack([cls, (x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1, mix], 1)
+
+
+def _normalize_(x: torch.Tensor) -> torch.Tensor:
+    """float (B, 3, H, W) in 0..255 -> (x / 255 - MEAN) / STD, in place."""
     std = torch.tensor(STD).view(1, 3, 1, 1)
-    scale, shift = 1 / (255 * std), -torch.tensor(MEAN).view(1, 3, 1, 1) / std
-    return x.to(torch.float32, copy=True).mul_(scale).add_(shift)  # in place on the copy: 2x faster
+    return x.mul_(1 / (255 * std)).add_(-torch.tensor(MEAN).view(1, 3, 1, 1) / std)
 
 
 def normalize(image: np.ndarray, size) -> torch.Tensor:
@@ -824,13 +761,20 @@ def normalize(image: np.ndarray, size) -> torch.Tensor:
     hw = (size, size) if isinstance(size, int) else tuple(size)
     x = torch.from_numpy(image.astype(np.float32)).permute(2, 0, 1)[None]  # (1, 3, H, W)
     x = F.interpolate(x, size=hw, mode="bilinear", align_corners=False)  # (1, 3, h, w)
-    return _normalize_batch(x)[0]
+    return _normalize_(x)[0]
 
 
 def collate(batch):
-    """[(uint8 (3, S, S), (N_i, 6)), ...] -> (float (B, 3, S, S), [(N_i, 6), ...])."""
-    images = torch.stack([image for image, _ in batch])  # (B, 3, S, S) uint8
-    return _normalize_batch(images), [target for _, target in batch]
+    """[(uint8 (3, S, S), rows (N_i, 6)), ...] -> (float (B, 3, S, S), B x (N_i, 6) loss targets). In a
+    DataLoader worker the batch is made in shared memory, where the main process reads it (as
+    torch's default_collate does): no copy on the way, and half the page faults."""
+    shape, images = (len(batch), *batch[0][0].shape), torch.empty(0)  # (B, 3, S, S)
+    if torch.utils.data.get_worker_info() is not None:
+        images = images.new(images._typed_storage()._new_shared(math.prod(shape)))
+    images = images.resize_(shape)  # (B, 3, S, S) float
+    for b, (image, _) in enumerate(batch):
+        images[b].copy_(image)  # uint8 -> float
+    return _normalize_(images), [loss_targets(rows) for _, rows in batch]
 
 
 def random_size(seed: int, iteration: int, every: int = 10, sizes=SIZES) -> int:
@@ -852,58 +796,76 @@ def resize_batch(images: torch.Tensor, targets: list, size: int):
 
 
 # ----------------------------------------------------------------------------------------------
-# Script: `python data.py` shows the data (the loader's speed: `python tests/bench.py data`).
-
-
-def _draw_samples(dataset: TrainDataset, indices, class_names) -> Image.Image:
-    """A grid of training samples with their boxes, class names and mixup ratios."""
-    S, tiles = dataset.size, []
-    for i in indices:
-        image, target = dataset[i]
-        tile = Image.fromarray(image.permute(1, 2, 0).numpy())
-        draw = ImageDraw.Draw(tile)
-        for cls, cx, cy, w, h, mix in target.tolist():
-            colour = SYNTHETIC_CLASSES[int(cls) % len(SYNTHETIC_CLASSES)][2]
-            draw.rectangle((cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2), outline=colour)
-            draw.text((cx - w / 2 + 2, cy - h / 2 + 1), f"{class_names[int(cls)]} {mix:.2f}",
-                      fill=(255, 255, 255))
-        tiles.append(tile)
-    grid = Image.new("RGB", (4 * S, S * math.ceil(len(tiles) / 4)))
-    for k, tile in enumerate(tiles):
-        grid.paste(tile, ((k % 4) * S, (k // 4) * S))
-    return grid
-
+# The demo (`python data.py`): training samples as the model sees them, boxes and mix ratios drawn
 
 def demo(out: str, root: str | None, seed: int) -> None:
-    start = time.perf_counter()
-    paths = make_synthetic(root, seed=seed)
-    print(f"synthetic set in {paths['root']} ({time.perf_counter() - start:.1f} s)")
-    for split in ("train", "val"):
-        data = CocoDetection(paths[f"{split}_images"], paths[f"{split}_json"])
-        rows = data._rows
-        sides = np.sqrt((rows[:, 3] - rows[:, 1]) * (rows[:, 4] - rows[:, 2]))
-        per_class = np.bincount(rows[:, 0].astype(int), minlength=len(data.cat_ids))
-        print(f"{split}: {len(data)} images, {len(rows)} boxes; per class "
-              + ", ".join(f"{n} {c}" for n, c in zip(data.class_names, per_class, strict=True))
-              + f"; box side {sides.min():.0f}-{sides.max():.0f} px, "
-              f"small/medium/large (COCO) {np.histogram(sides, [0, 32, 96, 1e9])[0].tolist()}")
-    train = TrainDataset(CocoDetection(paths["train_images"], paths["train_json"]), size=320,
-                         seed=seed)
-    path = Path(out) / "asff_data_demo.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _draw_samples(train, range(8), train.data.class_names).save(path)
-    print(f"wrote {path}: 8 training samples (augmented, mixed; box label: class and mix ratio)")
+    """8 augmented, mixed samples of a small synthetic set, drawn with their boxes and mix ratios."""
+    paths = make_synthetic(root, n_train=32, n_val=4, seed=seed)
+    train = TrainDataset(CocoDetection(paths["train_images"], paths["train_json"]), size=320, seed=seed)
+    grid = Image.new("RGB", (4 * 320, 2 * 320))
+    for i in range(8):
+        image, rows = train[i]
+        tile = Image.fromarray(image.permute(1, 2, 0).numpy())
+        draw = ImageDraw.Draw(tile)
+        for x1, y1, x2, y2, cls, mix in rows.tolist():
+            draw.rectangle((x1, y1, x2, y2), outline=SYNTHETIC_CLASSES[int(cls)][2])
+            draw.text((x1 + 2, y1 + 1), f"{train.data.class_names[int(cls)]} {mix:.2f}")
+        grid.paste(tile, (i % 4 * 320, i // 4 * 320))
+    Path(out).mkdir(parents=True, exist_ok=True)
+    grid.save(Path(out) / "asff_data_demo.png")
+    print(f"wrote {Path(out) / 'asff_data_demo.png'}: 8 training samples at 320 of {paths['train_images']} "
+          "(augmented, mixed; box label: class and mix ratio)")
 
 
-def main() -> None:
+# ----------------------------------------------------------------------------------------------
+# Plumbing: the script. --check reads a data set as training does and says what it holds (the
+# loader's speed: `python tests/bench.py data`).
+
+def check(image_dir: str, ann_file: str, include_crowd: bool = False) -> None:
+    """Read a data set as training does, decode every image, and print what was found."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # counted below
+        data = CocoDetection(image_dir, ann_file, include_crowd)
+    per_class = np.bincount(data._rows[:, 4].astype(int), minlength=len(data.cat_ids))
+    (w0, h0), (w1, h1) = data._sizes.min(0), data._sizes.max(0)
+    print(f"{data.ann_file}: {len(data)} images ({(np.diff(data._first) == 0).sum()} without boxes), widths "
+          f"{w0}-{w1}, heights {h0}-{h1} px; {len(data._rows)} boxes to train on in {len(per_class)} classes")
+    classes = ", ".join(f"{name} {n}".replace(" ", "\xa0") for name, n in zip(data.class_names, per_class))
+    for line in textwrap.wrap(f"boxes per class: {classes}", 96, initial_indent="  ",
+                              subsequent_indent="    "):
+        print(line.replace("\xa0", " "))  # (no line break inside "name count")
+    problems = [f"{len(ids)} {what.split(', ')[1]} ({what.split(', ')[0]})"
+                for what, ids in data.skipped.items()]
+    crowd = sum(a["iscrowd"] for a in data.coco.dataset.get("annotations", []))
+    print(f"  boxes: {', '.join(problems)}; crowd: {crowd} (scored as COCO's ignore regions; trained on with "
+          "--include-crowd)")
+    unreadable = []
+    for i in range(len(data)):
+        try:
+            data.open(i, reduce=8)  # every byte decoded (a JPEG at 1/8: the cheapest way)
+        except DataError:
+            unreadable.append(i)
+    print(f"  decoded all {len(data)} images" if not unreadable else f"  {len(unreadable)} of {len(data)} "
+          f"images unreadable (training uses the next one instead), e.g. {data._files[unreadable[0]]}")
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="runs", help="folder for asff_data_demo.png")
-    parser.add_argument("--root", default=None, help="cache folder (default $ASFF_CACHE or "
-                        "~/.cache/asff)")
+    parser.add_argument("--root", default=None, help="cache folder (default $ASFF_CACHE or ~/.cache/asff)")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    demo(args.out, args.root, args.seed)
+    parser.add_argument("--check", action="store_true", help="read --images and --ann as training does")
+    parser.add_argument("--images", help="image folder (with --check)")
+    parser.add_argument("--ann", help="COCO-format annotation file (with --check)")
+    parser.add_argument("--include-crowd", action="store_true", help="as train.py's")
+    args = parser.parse_args(argv)
+    if args.check != bool(args.images and args.ann) or bool(args.images) != bool(args.ann):
+        parser.error("--check needs --images and --ann, and they need --check")
+    if args.check:
+        check(args.images, args.ann, args.include_crowd)
+    else:
+        demo(args.out, args.root, args.seed)
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_user_error(main)

@@ -3,7 +3,8 @@ speed column of Tables 3-4). Each subcommand prints a table and, as its last lin
 object of its figures (scripts read those keys; keep them stable).
 
     python tests/bench.py loss [--threads 1]          compute_loss against the per-object loop
-    python tests/bench.py data                        one DataLoader worker, mixup + augmentation
+    python tests/bench.py data                        one DataLoader worker, mixup + augmentation:
+                                                      per-step CPU ms, images/s, CPU model
     python tests/bench.py train --steps 3 --size-max 416 --batch-size 4 [train.py's flags]
                                                       training steps of train.py's model
     python tests/bench.py speed [--runs 5 --threads 1 --half --device cuda --speed-sizes 608]
@@ -22,17 +23,20 @@ import contextlib
 import importlib
 import json
 import os
+import platform
 import resource
 import sys
 import tempfile
 import time
+from collections import defaultdict
 from functools import partial
 from pathlib import Path
 from unittest import mock
 
 import numpy as np
+import PIL
 import torch
-from PIL import Image
+from PIL import Image, features
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # `python tests/bench.py` from anywhere
 
@@ -119,25 +123,85 @@ def loss_benchmark(batch: int = 16, size: int = 608, objects: int = 20, num_clas
 # ---------------------------------------------------------------------------------------------
 # data: one DataLoader worker with the full augmentation and mixup
 # ---------------------------------------------------------------------------------------------
-def stage_times(dataset: data.TrainDataset, n: int) -> dict:
-    """Milliseconds per sample of each stage, timed in this process."""
-    times = dict.fromkeys(("decode x2", "mixup", "photometric", "geometry + warp", "collate"), 0.0)
-    for i in range(n):
-        rng, t0 = np.random.default_rng([1, 0, i]), time.perf_counter()
-        (image, rows), (image2, rows2) = dataset._load(i), dataset._load((i + 1) % len(dataset))
-        t1 = time.perf_counter()
-        image, rows = data.mixup(image, rows, image2, rows2, 0.5)
-        t2 = time.perf_counter()
-        image = data.photometric(image, rng)
-        t3 = time.perf_counter()
-        M, _, window = data.geometry(rng, rows, image.size, dataset.size)
-        image = data.warp(image, M, dataset.size, (Image.NEAREST, Image.BILINEAR)[i % 2], window)
-        t4 = time.perf_counter()
-        data.collate([(torch.from_numpy(np.array(image)).permute(2, 0, 1), torch.zeros(0, 6))])
-        t5 = time.perf_counter()
-        for key, dt in zip(times, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4), strict=True):
-            times[key] += 1000 * dt / n
-    return times
+PIPELINE = {  # data.py's step functions, in the order a sample meets them -> what each does
+    "draw_colour": "colour draws",
+    "expand": "zoom out: boxes and matrix",
+    "ssd_crop": "SSD crop: boxes and matrix",
+    "hflip": "flip: boxes and matrix",
+    "random_affine": "affine: boxes and matrix",
+    "_decode": "decode (JPEG at 1/k where the output is smaller)",
+    "mixup": "mixup blend (where the crop keeps)",
+    "color_distort": "colour distortion (where the crop keeps)",
+    "rotate_hue": "  of which hue (HSV)",
+    "saturate": "  of which saturation",
+    "warp": "warp: zoom out, crop, flip, affine, resize",
+    "warp nearest": "  of which nearest",
+    "warp bilinear": "  of which bilinear (resize if not turned)",
+    "to_tensor": "to tensor",
+    "other": "other (Python, numpy glue, crops)",
+    "sample": "one sample (all of the above)",
+    "collate": "collate: normalise, per image",
+}
+NESTED = ("rotate_hue", "saturate", "warp nearest", "warp bilinear")   # parts of the row above
+
+
+def step_profile(dataset: data.TrainDataset, n: int, batch_size: int) -> tuple[dict, dict]:
+    """CPU ms per image of each step of TrainDataset's own pipeline, timed in this thread by
+    wrapping data.py's step functions (thread CPU time: what other jobs on the machine do is not
+    counted), and the share of images each step ran on; collate timed on batches of the samples."""
+    ms, runs = defaultdict(float), defaultdict(int)
+
+    def timed(name, fn):
+        def step(*args, **kwargs):
+            start = time.thread_time()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                nearest = name == "warp" and args[3] == Image.NEAREST
+                key = name if name != "warp" else "warp nearest" if nearest else "warp bilinear"
+                ms[key] += 1000 * (time.thread_time() - start) / n
+                runs[key] += 1
+        return step
+
+    with contextlib.ExitStack() as patches:
+        for name in (name for name in PIPELINE if hasattr(data, name)):
+            patches.enter_context(mock.patch.object(data, name, timed(name, getattr(data, name))))
+        samples = []
+        for i in range(n):
+            start = time.thread_time()
+            samples.append(dataset[i % len(dataset)])
+            ms["sample"] += 1000 * (time.thread_time() - start) / n
+    ms["warp"] = ms["warp nearest"] + ms["warp bilinear"]
+    ms["other"] = ms["sample"] - sum(ms[k] for k in PIPELINE if hasattr(data, k) and k not in NESTED)
+    start = time.thread_time()
+    for b in range(0, n - batch_size + 1, batch_size):
+        data.collate(samples[b:b + batch_size])
+    ms["collate"] = 1000 * (time.thread_time() - start) / (n // batch_size * batch_size)
+    share = {k: runs[k] / n for k in runs}
+    share["warp"] = share.get("warp nearest", 0) + share.get("warp bilinear", 0)
+    return dict(ms), share
+
+
+def step_table(ms: dict, share: dict) -> str:
+    total = ms["sample"] + ms["collate"]
+    out = [f"{'step (one worker, in-process CPU time)':<50}{'ms/image':>9}{'share':>7}{'calls/image':>12}"]
+    for key, label in PIPELINE.items():
+        calls = f"{share[key]:.2f}" if key in share else ""
+        out.append(f"{label:<50}{ms.get(key, 0):>9.2f}{ms.get(key, 0) / total:>7.0%}{calls:>12}")
+    return "\n".join(out)
+
+
+def cpu_model() -> tuple[str, list[str]]:
+    """The CPU's model name and which of its SIMD extensions PIL, numpy and torch might use."""
+    model, flags = platform.processor() or platform.machine(), set()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+    return model, [f for f in ("sse4_2", "avx2", "avx512f", "avx512bw", "avx512_vnni") if f in flags]
 
 
 def private_mb_of_children() -> float:
@@ -158,9 +222,8 @@ def data_benchmark(n_images: int = 32, batches: int = 25, batch_size: int = 8, s
         data._write_split(Path(tmp), "bench", n_images, 640, 480, 0, 0, fmt="jpg", max_objects=10)
         images = data.CocoDetection(str(Path(tmp) / "bench"), str(Path(tmp) / "bench.json"))
         dataset = data.TrainDataset(images, size=size, mixup=True)
-        print(f"{'stage (in-process)':<22}{'ms / image':>12}")
-        for stage, ms in stage_times(dataset, 2 * n_images).items():
-            print(f"{stage:<22}{ms:>12.1f}")
+        ms, share = step_profile(dataset, max(4 * n_images, batch_size), batch_size)
+        print(step_table(ms, share))
         sampler = torch.utils.data.RandomSampler(dataset, replacement=True,
                                                  num_samples=batches * batch_size)
         loader = torch.utils.data.DataLoader(dataset, batch_size, sampler=sampler, num_workers=1,
@@ -175,12 +238,20 @@ def data_benchmark(n_images: int = 32, batches: int = 25, batch_size: int = 8, s
         del it, loader  # joins the worker, so its peak memory is in RUSAGE_CHILDREN
     worker = resource.getrusage(resource.RUSAGE_CHILDREN)  # the worker, now joined
     cpu_s = worker.ru_utime + worker.ru_stime  # all its batches: on a shared machine this is
-    result = {  # the figure that does not depend on what else runs
+    model, simd = cpu_model()  # the figure that does not depend on what else runs
+    result = {
         "images_per_s_per_worker": round(n / seconds, 1),
         "images_per_cpu_s_per_worker": round(batches * batch_size / cpu_s, 1),
+        "images_per_cpu_s": round(batches * batch_size / cpu_s, 1),
         "peak_mb_per_worker": round(worker.ru_maxrss / 1024, 1),
         "private_mb_per_worker": round(private_mb, 1), "size": size, "mixup": True,
-        "source": "640x480 JPEG", "images_timed": n, "load_average_1min": os.getloadavg()[0]}
+        "source": "640x480 JPEG", "images_timed": n, "load_average_1min": os.getloadavg()[0],
+        "cpu_model": model, "cpu_simd": simd, "cpus": os.cpu_count(), "pillow": PIL.__version__,
+        "libjpeg_turbo": features.version("libjpeg_turbo"), "numpy": np.__version__,
+        "step_ms": {k: round(v, 3) for k, v in ms.items()}}
+    print(f"CPU: {model} ({', '.join(simd) or 'no AVX'}; {os.cpu_count()} cores, load "
+          f"{result['load_average_1min']:.1f}); Pillow {PIL.__version__}, "
+          f"libjpeg-turbo {result['libjpeg_turbo']}")
     print(f"one worker, end to end: {result['images_per_s_per_worker']} images/s at {size} "
           f"({result['images_per_cpu_s_per_worker']} per CPU second), peak RSS "
           f"{result['peak_mb_per_worker']} MB of which {result['private_mb_per_worker']} MB "

@@ -55,7 +55,7 @@ EXERCISES = {
             "per-class NMS batched over classes with the coordinate-offset trick"),
     "mixup": ("data.py", "mixup",
               ["tests/test_data.py", "-k", "mixup"],
-              "blend two images on a (max H, max W) canvas; boxes carry their image's ratio"),
+              "blend two images on a (max W, max H) canvas: lam * image1 + (1 - lam) * image2"),
 }
 
 

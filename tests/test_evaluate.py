@@ -163,9 +163,9 @@ def test_skipped_boxes_are_not_scored_and_crowd_boxes_are_ignore_regions(tmp_pat
         "2 box(es) partly outside the image, clipped"]
     dets = []
     for index in range(len(dataset)):
-        rows = torch.as_tensor(dataset.load_targets(index), dtype=torch.float64)  # (N, 5)
+        rows = torch.as_tensor(dataset.load_targets(index), dtype=torch.float64)  # (N, 6)
         scores = 0.9 - 0.01 * torch.arange(len(rows), dtype=torch.float64)[:, None]
-        dets.append(torch.cat([rows[:, 1:], scores, rows[:, :1], torch.ones_like(scores)], 1))
+        dets.append(torch.cat([rows[:, :4], scores, rows[:, 4:5], torch.ones_like(scores)], 1))
     crowd = torch.tensor([[300.0, 200, 390, 290, 0.99, 0, 1]], dtype=torch.float64)
     dets[0] = torch.cat([crowd, dets[0]])                    # top score, on the crowd region
     results = ev.to_coco_results(dets, dataset.ids, dataset.cat_ids)

@@ -251,8 +251,7 @@ SCRIPTS = {
     "darknet.py": lambda args: darknet._demo(),
     "head.py": lambda args: head._demo(sizes=(64,)),
     "loss.py": lambda args: loss._demo(),
-    "data.py": lambda args: data.main(args) if "--check" in args else data.demo(
-        args[args.index("--out") + 1] if "--out" in args else "runs", None, 0),
+    "data.py": lambda args: data.main(args),
 }
 
 
