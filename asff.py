@@ -1,18 +1,15 @@
 """Adaptively spatial feature fusion (ASFF) - paper Sec. 3.2, Eq. 1-2, and Table 3's alternatives.
 
-For every output level l, every pyramid level n is first resized to the shape of x^l (Sec. 3.2,
-"Feature resizing"), then the resized maps x^(n->l) are fused:
+Each pyramid level n is resized to the shape of x^l (Sec. 3.2), then the maps x^(n->l) fused:
 
     Eq. 1:  y^l_ij = alpha^l_ij * x^(1->l)_ij + beta^l_ij * x^(2->l)_ij + gamma^l_ij * x^(3->l)_ij
     Eq. 2:  alpha^l_ij = exp(la) / (exp(la) + exp(lb) + exp(lc))      (softmax over the levels)
 
-so alpha + beta + gamma = 1 at each position, one scalar per position shared by all channels;
-`la, lb, lc` come from 1x1 convs on the resized maps.
+so alpha + beta + gamma = 1 per position, shared by all channels; la, lb, lc: 1x1 convs.
 
-Level naming. The paper numbers the levels coarse to fine (level 1 = stride 32, level 2 = stride
-16, level 3 = stride 8); the authors' code indexes stride 32 as level 0. Here levels are named by
-their stride only: a feature pyramid is a dict {stride: tensor}, and the fusion weights are
-ordered from the coarsest level to the finest (channel 0 weights the stride-32 source).
+Level naming. The paper numbers the levels coarse to fine (level 1 = stride 32, 3 = stride 8);
+the authors' code indexes stride 32 as level 0. Here a pyramid is a dict {stride: tensor}, and
+the fusion weights run coarse to fine (channel 0 weights the stride-32 source).
 
 Public entry points (this file needs only torch, so it can be copied into another project):
     ConvBN(c_in, c_out, k, stride=1, *, norm, act)    conv (no bias) + norm + act
@@ -27,9 +24,9 @@ Public entry points (this file needs only torch, so it can be copied into anothe
     e.g. norm=lambda c: nn.GroupNorm(min(32, c), c), act=nn.ReLU for an mmdetection RetinaNet.
 
 Any pyramid, any input size: each source is brought to the exact size of the pyramid's own
-stride-`level` map (Resize.fit_to), e.g. RetinaNet's P3-P7 (Table 5) of an 800 x 1216 input,
-100x152 ... 7x10. The fusers go in an nn.ModuleDict, which registers them with the host (a
-plain dict hides them from .parameters(), .to() and state_dict(): never trained or saved):
+stride-`level` map (Resize.fit_to), e.g. RetinaNet's P3-P7 (Table 5) of an 800 x 1216 input.
+The fusers go in an nn.ModuleDict, which registers them with the host (a plain dict hides them
+from .parameters(), .to() and state_dict(): never trained or saved):
 
     >>> import torch
     >>> from asff import ASFF
@@ -40,10 +37,8 @@ plain dict hides them from .parameters(), .to() and state_dict(): never trained 
     [(256, 2, 3), (256, 4, 5), (256, 7, 10), (256, 13, 19), (256, 26, 38)]
 
 Departures from the authors' code: one module parametrised by the channel dict, not a class per
-level; any number of levels (down by 2^k: k-1 max-pools then one stride-2 conv, the paper's rule
-for 1/2 and 1/4; up by 2^k: one nearest interpolation); any map sizes (released: multiples of 32,
-where fit_to changes nothing). Up-sampling has a 1x1 conv block only where the channel counts
-differ (the released stride-16 -> stride-8 path has none), as released.
+level; any number of levels (down by 2^k: k-1 max-pools, one stride-2 conv; up: one nearest
+interpolation); any map sizes (released: multiples of 32, where fit_to changes nothing).
 """
 
 from collections.abc import Callable
@@ -53,8 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def leaky_relu() -> nn.Module:
-    """DarkNet's activation, LeakyReLU(0.1): the default `act`."""
+def leaky_relu() -> nn.Module:  # DarkNet's activation, LeakyReLU(0.1): the default `act`
     return nn.LeakyReLU(0.1)
 
 
@@ -83,7 +77,7 @@ class ConvBN(nn.Module):
         scale = self.bn.weight / torch.sqrt(self.bn.running_var + self.bn.eps)  # (c_out,)
         fused = nn.utils.skip_init(nn.Conv2d, self.conv.in_channels, self.conv.out_channels,  # no
                                    self.conv.kernel_size, self.conv.stride, self.conv.padding,  # RNG
-                                   bias=True, device=self.conv.weight.device).to(self.conv.weight)
+                                   device=self.conv.weight.device).to(self.conv.weight)
         fused.weight.copy_(self.conv.weight * scale[:, None, None, None])
         fused.bias.copy_(self.bn.bias - self.bn.running_mean * scale)
         self.conv, self.bn = fused, nn.Identity()
@@ -92,9 +86,9 @@ class ConvBN(nn.Module):
 class Resize(nn.Module):
     """x^(n->l): bring a map of stride `src_stride`, `c_in` channels to `dst_stride`, `c_out`.
 
-    Sec. 3.2: up-sampling = 1x1 conv to the target channels, then interpolation (nearest, as
-    released); down-sampling by 1/2 = a 3x3 stride-2 conv; by 1/4 = a stride-2 max-pool first
-    (by 1/2^k: k-1 max-pools). Strides must be a power of 2 apart.
+    Sec. 3.2: up-sampling = 1x1 conv to the target channels (none where they agree, as the
+    released s16 -> s8 path), then nearest interpolation; down-sampling by 1/2 = a 3x3 stride-2
+    conv; by 1/4 = a stride-2 max-pool first (by 1/2^k: k-1). Strides a power of 2 apart.
     """
 
     def __init__(self, c_in: int, c_out: int, src_stride: int, dst_stride: int, *,
@@ -219,9 +213,8 @@ def _demo() -> None:
             print(f"ASFF-s{level}: resized to {tuple(resized[0].shape[1:])} -> weights {tuple(w.shape)} (sum "
                   f"{w.sum(1).mean():.3f}) -> out {tuple(fuser.expand(y).shape)}, "
                   f"{sum(p.numel() for p in fuser.parameters()):,} params")
-    for mode in ("sum", "concat"):
-        n_params = sum(p.numel() for p in ASFF(yolo, 8, 256, mode=mode).parameters())
-        print(f"{mode}-s8: {n_params:,} params")
+    print(", ".join(f"{m}-s8: {sum(p.numel() for p in ASFF(yolo, 8, 256, mode=m).parameters()):,} "
+                    "params" for m in ("sum", "concat")))
 
 
 if __name__ == "__main__":

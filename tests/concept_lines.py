@@ -34,13 +34,13 @@ def is_banner(line: str) -> bool:
 
 def section_titles(lines: list[str]) -> list[str]:
     """Per line (0-based), the title of the section it stands in ("" before the first banner)."""
-    titles, title, k = [], "", 0
-    while k < len(lines):
-        if is_banner(lines[k]) and k + 1 < len(lines) and lines[k + 1].strip().startswith("#") \
-                and not is_banner(lines[k + 1]):
+    titles, title = [], ""
+    for k, line in enumerate(lines):
+        closing = k >= 2 and is_banner(lines[k - 2]) and not is_banner(lines[k - 1])
+        if is_banner(line) and not closing and k + 1 < len(lines) and \
+                lines[k + 1].strip().startswith("#") and not is_banner(lines[k + 1]):
             title = lines[k + 1].strip().lstrip("# ").strip()
         titles.append(title)
-        k += 1
     return titles
 
 
