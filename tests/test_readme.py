@@ -143,7 +143,7 @@ def write_weights(path: Path, tiny: bool = False) -> None:
     """A file of the format its README name stands for (tiny: a released ASFF detector of the
     shortened runs' width and depth, for train.py --weights)."""
     name = path.name
-    if tiny and name.endswith(".pth"):
+    if tiny and name.endswith(".pth") and name != "darknet53_feature_mx.pth":
         torch.save(small_released_state(head.Detector(80, fusion="asff", width=0.125, depth=0.33)), path)
         return
     if name.endswith(".conv.74"):                              # darknet's backbone, tiny model
@@ -181,14 +181,19 @@ def work(tmp_path_factory):
 # ---------------------------------------------------------------------------------------------
 # Running one command
 # ---------------------------------------------------------------------------------------------
+WRITTEN: dict[Path, bool] = {}                 # weight files written here -> written tiny?
+
+
 def localise(args: list[str], ws: Path, tiny: bool = False) -> list[str]:
-    """/coco -> the fake COCO root; weight files named by the README written where it says."""
+    """/coco -> the fake COCO root; weight files named by the README written where it says (a
+    file written tiny for a shortened train.py run is written again full size for evaluate.py)."""
     args = [str(ws / "coco") + a[len("/coco"):] if a.startswith("/coco") else a for a in args]
     for flag in ("--weights", "--backbone"):
         if flag in args:
             path = Path(args[args.index(flag) + 1])
-            if not path.exists() and not path.parts[0] == "runs":
+            if path.parts[0] != "runs" and (not path.exists() or WRITTEN.get(path.resolve()) != tiny):
                 write_weights(path, tiny)
+                WRITTEN[path.resolve()] = tiny
     return args
 
 
