@@ -429,11 +429,13 @@ def draw_boxes(image: Image.Image, det, class_names, conf: float = 0.0) -> Image
         color, cls = class_color(class_names, int(cls)), int(cls)
         draw.rectangle((x1, y1, x2, y2), outline=color, width=max(2, round(3 * scale)))
         label = f"{class_names[cls] if cls < len(class_names) else cls} {score:.2f}"
-        box = draw.textbbox((x1, y1), label, font=font)
-        ty = y1 - (box[3] - box[1]) - 4 if y1 - (box[3] - box[1]) - 4 >= 0 else y1
-        box = draw.textbbox((x1 + 2, ty + 2), label, font=font)
+        box = draw.textbbox((0, 0), label, font=font)                 # the label's extent
+        tw, th = box[2] - box[0] + 4, box[3] - box[1] + 4
+        tx = min(max(x1, 0), max(image.width - tw, 0))                 # inside the picture
+        ty = y1 - th if y1 - th >= 0 else max(y1, 0)                   # above the box if room
+        box = draw.textbbox((tx + 2, ty + 2), label, font=font)
         draw.rectangle((box[0] - 2, box[1] - 2, box[2] + 2, box[3] + 2), fill=color)
-        draw.text((x1 + 2, ty + 2), label, fill=(0, 0, 0), font=font)
+        draw.text((tx + 2, ty + 2), label, fill=(0, 0, 0), font=font)
     return image
 
 
