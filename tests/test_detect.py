@@ -105,7 +105,7 @@ def test_boxes_are_drawn_in_proportion_to_the_image():
     assert thin >= 2 and thick >= 3 * thin                     # a 20x larger image: thicker lines
     edge = ev.draw_boxes(Image.new("RGB", (100, 80)), torch.tensor([[90.0, 40, 99, 70, 0.9, 2, 0.9]]),
                          NAMES, 0.5)                           # a label wider than the room left
-    assert any(edge.getpixel((x, y)) == ev.COLOR_WORDS["blue"] for x in range(4) for y in range(40))
+    assert any(edge.getpixel((x, y)) == ev.COLOR_WORDS["blue"] for x in range(8) for y in range(40))
     hidden = ev.draw_boxes(Image.new("RGB", (100, 80)), det, NAMES, 0.95)
     assert hidden.getbbox() is None                            # under --conf: not drawn
 
