@@ -52,6 +52,8 @@ BENCH = {   # tests/bench.py: the flags that shorten each subcommand, and a key 
               "images_per_s"),
     "speed": (TINY + ["--runs", "1", "--warmup", "0", "--speed-sizes", "64", "--threads", "1"],
               "asff_overhead_64"),
+    "against": (["--sizes", "64", "--runs", "1", "--train-runs", "1", "--train-size", "64",
+                 "--threads", "1"], "train_step_ratio"),
 }
 
 
@@ -231,8 +233,10 @@ def run_evaluate(args: list[str]) -> None:
 
 
 def run_bench(args: list[str]) -> None:
-    """A benchmark shortened (later flags win); its last line is the JSON object it returns."""
+    """A benchmark shortened (later flags win); its last line is the JSON object it returns.
+    `against REF` runs against this checkout itself."""
     short, key = BENCH[args[0]]
+    args = [str(REPO) if args[0] == "against" and a == "../ref" else a for a in args]
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         summary = bench.main(args + short)
