@@ -270,7 +270,7 @@ def detector_weights(cfg: Config, arch: dict) -> tuple[dict, int]:
     path = cfg.weights
     if path.endswith(".weights"):                 # darknet's 80-class original YOLOv3
         source = Detector(80, **arch)
-        evaluate.load_foreign(read_darknet_weights, path, path, source.darknet_layers())
+        evaluate.load_foreign(lambda: read_darknet_weights(path, source.darknet_layers()), path)
         return source.state_dict(), 80
     state = evaluate.read_checkpoint(path)
     if "model" in state and "config" in state:    # ours: the EMA weights when it kept them

@@ -87,3 +87,11 @@ def test_weights_refuses_another_architecture_and_goes_without_resume(tmp_path, 
                                             str(tmp_path / "s")])
     with pytest.raises(SystemExit):
         train.parse_config(["--weights", file, "--resume", file])
+
+
+def test_darknet_weights_for_another_layout_name_the_file(tmp_path, sets):
+    """yolov3.weights hold the original YOLOv3 layout: an ASFF run is refused in one error."""
+    file = tmp_path / "yolov3.weights"
+    file.write_bytes(b"\0" * 64)
+    with pytest.raises(data.UserError, match=r"yolov3\.weights: darknet's layout is the original YOLOv3"):
+        train.main(TINY + sets["subset"] + ["--weights", str(file), "--out", str(tmp_path / "d")])
