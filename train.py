@@ -11,7 +11,8 @@ is silent, a flag for each other choice; every epoch count is a fraction of --ep
 --data the CPU demo's settings (DEMO) replace the defaults.
 
 Run folder (--out): last.pt (each epoch, at the end, on SIGTERM / SIGINT), best.pt (best AP),
-log.jsonl, metrics.json (AP ... APl in [0, 1], time, images/s), figure3_demo.png. Checkpoints
+log.jsonl, metrics.json (AP ... APl in [0, 1], time, images/s), figure3_demo.png, curves.png
+(write_curves: the loss terms, lr and AP of log.jsonl; `--plot RUN_DIR` redraws it). Checkpoints
 hold tensors and plain Python (weights_only=True): model, optimizer, scaler, ema, Progress's
 fields, config, world_size, rng (per rank), and model_args (the Detector's arguments),
 eval_size, class_names and cat_ids, which evaluate.py reads.
@@ -36,6 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from PIL import Image, ImageDraw, ImageFont
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
@@ -139,6 +141,8 @@ class Config:
     max_iters: int = opt(0, "stop after this many iterations, schedule unchanged (0: no limit)")
     exist_ok: bool = opt(False, "a new run may replace the run in --out (its files are removed)")
     debug: bool = opt(False, "a user error shows its traceback too (as ASFF_DEBUG=1)")
+    plot: str = opt("", "only draw RUN_DIR/curves.png from its log.jsonl (no training)",
+                    metavar="RUN_DIR")
 
 
 
@@ -510,8 +514,11 @@ class Progress:
 
 def main(argv: list[str] | None = None) -> Detector | None:
     """Train as the command line says; returns this rank's trained model (None: a resumed run
-    that was already finished)."""
+    that was already finished, or --plot)."""
     cfg, ckpt = read_command_line(argv)
+    if cfg.plot:
+        print(write_curves(Path(cfg.plot)))
+        return None
     if ckpt is not None and finished(ckpt, cfg):
         return None
     if cfg.threads:
@@ -626,6 +633,7 @@ def train_one_epoch(cfg: Config, parts: Parts, plan: Plan, progress: Progress, r
             save_checkpoints(cfg, parts, plan, progress, runlog)
             say(f"stopped by signal at iteration {progress.iteration}; saved {runlog.out / 'last.pt'} "
                 f"(continue with --resume {runlog.out / 'last.pt'})")
+            draw_curves(runlog)
             return True
     return False
 
@@ -653,6 +661,7 @@ def guarded_step(cfg: Config, parts: Parts, batches, size: int, progress: Progre
         say(f"non-finite {e.what} at iteration {progress.iteration} (epoch {progress.epoch}, size "
             f"{size}): {e.detail}; stopped without saving; {kept_note(runlog)}")
         write_log(runlog, {"iteration": progress.iteration, "non_finite": str(e)})
+        draw_curves(runlog)
         raise SystemExit(1) from e
     except torch.OutOfMemoryError as e:
         raise data.UserError(f"out of memory at iteration {progress.iteration}: input size {size} "
@@ -689,7 +698,7 @@ EXAMPLES = """examples:
 The README lists the paper's rows (Tables 1-4) as flags.
 """
 RESUME_MAY_DIFFER = ("out", "resume", "max_iters", "log_every", "eval_every", "workers", "threads",
-                     "exist_ok", "debug", "channels_last", "compile",  # how, not what, it computes
+                     "exist_ok", "debug", "plot", "channels_last", "compile",  # how, not what
                      "benchmark")    # benchmark: a field of checkpoints older than tests/bench.py
 AT_LEAST = {"epochs": 1, "batch_size": 1, "accumulate": 1, "size_every": 1, "log_every": 1,
             "eval_every": 1, "synthetic_train": 1, "synthetic_val": 1, "workers": 0, "threads": 0,
@@ -870,7 +879,7 @@ def set_rng_states(state: dict) -> None:
 # ---------------------------------------------------------------------------------------------
 # Plumbing: the run folder, progress lines, log.jsonl, metrics.json and the picture
 # ---------------------------------------------------------------------------------------------
-RUN_FILES = ("last.pt", "best.pt", "log.jsonl", "metrics.json", "figure3_demo.png")
+RUN_FILES = ("last.pt", "best.pt", "log.jsonl", "metrics.json", "figure3_demo.png", "curves.png")
 
 
 @dataclass
@@ -957,7 +966,8 @@ def kept_note(runlog: RunLog) -> str:
 
 
 def write_summary(cfg: Config, parts: Parts, plan: Plan, progress: Progress, runlog: RunLog) -> None:
-    """Rank 0: metrics.json, figure3_demo.png (the EMA weights if kept) and the closing line."""
+    """Rank 0: metrics.json, figure3_demo.png (the EMA weights if kept), curves.png and the
+    closing line."""
     summary = {k: float(progress.metrics[k]) for k in evaluate.PAPER_COLUMNS} | {
         "wall_time_s": time.time() - runlog.start,
         "train_images_per_s": (progress.iteration - runlog.first_iteration) * plan.per_step
@@ -970,6 +980,7 @@ def write_summary(cfg: Config, parts: Parts, plan: Plan, progress: Progress, run
     if image is not None:
         evaluate.show(parts.ema if parts.ema is not None else parts.model, image, str(runlog.out),
                       cfg.eval_size, plan.val_data.class_names, conf_thre=0.2, name="demo")
+    draw_curves(runlog)
     say(f"done in {summary['wall_time_s'] / 60:.1f} min: AP {summary['AP']:.3f}, AP50 "
         f"{summary['AP50']:.3f}; wrote {runlog.out}/metrics.json, last.pt, best.pt"
         + (", figure3_demo.png" if image is not None else " (no readable image to draw)"))
@@ -986,6 +997,130 @@ def demo_image(val_data, say, tries: int = 10):
         except data.DataError as e:
             say(f"figure3_demo.png: skipped an unreadable validation image: {e}")
     return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Plumbing: curves.png - log.jsonl's loss terms and lr by iteration, AP and AP50 by epoch
+# ---------------------------------------------------------------------------------------------
+PANEL_W, PANEL_H = 400, 266                     # 3 x 3 panels: 1200 x 798, readable at 900 px
+CURVE, RAW, GRID = (31, 119, 180), (174, 199, 232), (225, 225, 225)   # mean, raw values, grid
+
+
+def read_log(path: Path) -> tuple[list[dict], list[dict], int]:
+    """(progress rows, evaluation rows, malformed lines skipped), each in iteration order. A
+    "started" or "resumed" row at iteration N drops the earlier rows after N (a resumed run does
+    them again), and a later row of an iteration replaces an earlier one: no zig-zag."""
+    if not path.is_file() or not path.stat().st_size:
+        raise data.UserError(f"{path}: {'empty' if path.is_file() else 'no such file'} (train.py "
+                             "writes log.jsonl into its run folder, a row per progress line)")
+    steps, evals, bad = {}, {}, 0
+    for line in filter(str.strip, path.read_text(errors="replace").splitlines()):
+        try:                                      # a crash can cut the last line short
+            row = json.loads(line)
+            if (start := row.get("started", row.get("resumed"))) is not None:
+                steps, evals = ({i: r for i, r in rows.items() if i <= start} for rows in (steps, evals))
+            elif "eval" in row:
+                evals[int(row["iteration"])] = {"epoch": float(row["epoch"])} | {
+                    k: float(row["eval"][k]) for k in ("AP", "AP50")}
+            elif "total" in row:
+                steps[int(row["iteration"])] = {k: float(row[k]) for k in (*TERMS, "lr")}
+        except (ValueError, KeyError, TypeError, AttributeError):
+            bad += 1
+    if not steps:
+        raise data.UserError(f"{path}: no progress row" + f" ({bad} malformed line(s) skipped)" * (
+            bad > 0) + "; train.py logs one after the first step")
+    steps, evals = ([{"iteration": i, **r} for i, r in sorted(rows.items())] for rows in (steps, evals))
+    return steps, evals, bad
+
+
+def write_curves(run_dir: Path) -> str:
+    """RUN_DIR/curves.png from RUN_DIR/log.jsonl: each loss term (log scale, the raw values
+    under a running mean) and the learning rate against iterations, AP and AP50 against epochs;
+    returns the line to print."""
+    if not run_dir.is_dir():
+        raise data.UserError(f"{run_dir}: no such folder (a train.py run folder holds log.jsonl)")
+    steps, evals, bad = read_log(run_dir / "log.jsonl")
+    canvas = Image.new("RGB", (3 * PANEL_W, 3 * PANEL_H), (255, 255, 255))
+    try:                                          # Pillow >= 10.1 sizes its own font
+        font = ImageFont.load_default(size=16)
+    except TypeError:
+        font = ImageFont.load_default()
+    its = [r["iteration"] for r in steps]
+    panels = [(f"loss {t} (log scale)", "iteration", its, [r[t] for r in steps]) for t in TERMS]
+    panels += [("learning rate", "iteration", its, [r["lr"] for r in steps])]
+    panels += [(f"{k} (validation)", "epoch", [r["epoch"] for r in evals], [r[k] for r in evals])
+               for k in ("AP", "AP50")]
+    for k, panel in enumerate(panels):
+        draw_panel(ImageDraw.Draw(canvas), font, k % 3 * PANEL_W, k // 3 * PANEL_H, *panel)
+    canvas.save(run_dir / "curves.png")
+    return (f"wrote {run_dir / 'curves.png'}: {len(steps)} progress rows, {len(evals)} evaluations"
+            + (f"; skipped {bad} malformed line(s) of log.jsonl" if bad else ""))
+
+
+def draw_panel(draw, font, x0: int, y0: int, title: str, xlabel: str, xs, ys) -> None:
+    """One panel at (x0, y0): title, x label, round ticks with grid lines, ys against xs as a
+    line (x from 0), dots where there are few; a loss: log10 y, the raw values in a light colour
+    under their running mean; AP from 0; no values: "no evaluation yet"."""
+    left, top, right, bottom = x0 + 70, y0 + 30, x0 + PANEL_W - 20, y0 + PANEL_H - 54
+    black, loss = (0, 0, 0), title.startswith("loss")
+    draw.text((x0 + PANEL_W / 2, y0 + 6), title, fill=black, font=font, anchor="ma")
+    draw.text(((left + right) / 2, y0 + PANEL_H - 6), xlabel, fill=black, font=font, anchor="md")
+    draw.rectangle((left, top, right, bottom), outline=(120, 120, 120))
+    if not ys:
+        draw.text(((left + right) / 2, (top + bottom) / 2), "no evaluation yet", fill=black,
+                  font=font, anchor="mm")
+        return
+    ys = np.log10(np.maximum(ys, 1e-12)) if loss else np.array(ys)
+    (xlo, xhi), (ylo, yhi) = span([0, *xs], 0.02), span([*ys, 0] if xlabel == "epoch" else ys)
+    px = lambda x: left + (x - xlo) / (xhi - xlo) * (right - left)
+    py = lambda y: bottom - (y - ylo) / (yhi - ylo) * (bottom - top)
+    for t in ticks(xlo, xhi):
+        draw.line((px(t), top + 1, px(t), bottom + 4), fill=GRID)
+        draw.text((px(t), bottom + 6), f"{t:g}", fill=black, font=font, anchor="ma")
+    for t in log_ticks(ylo, yhi) if loss else ticks(ylo, yhi):
+        draw.line((left - 4, py(t), right - 1, py(t)), fill=GRID)
+        draw.text((left - 6, py(t)), f"{10 ** t if loss else t:.4g}", fill=black, font=font, anchor="rm")
+    w = 2 * (len(ys) // 25) + 1                   # a centred running mean of w rows (fewer at the ends)
+    mean = np.convolve(ys, np.ones(w), "same") / np.convolve(np.ones(len(ys)), np.ones(w), "same")
+    for values, colour in [(ys, RAW), (mean, CURVE)] if loss else [(ys, CURVE)]:
+        points = [(px(x), py(y)) for x, y in zip(xs, values)]
+        draw.line(points, fill=colour, width=2)
+        for x, y in points if len(points) < 20 else []:
+            draw.ellipse((x - 3, y - 3, x + 3, y + 3), fill=colour)
+
+
+def span(values, margin: float = 0.05) -> tuple[float, float]:
+    """An axis range over values, a margin each side (around a single value: +-10%, or +-1)."""
+    lo, hi = float(min(values)), float(max(values))
+    lo, hi = (lo, hi) if hi > lo else (lo - (abs(lo) * 0.1 or 1.0), hi + (abs(hi) * 0.1 or 1.0))
+    return lo - margin * (hi - lo), hi + margin * (hi - lo)
+
+
+def ticks(lo: float, hi: float, n: int = 5) -> list[float]:
+    """Round values in [lo, hi], 1, 2 or 5 x 10^k apart: the closest that make n steps or fewer."""
+    step = 10 ** math.floor(math.log10((hi - lo) / n))
+    step *= next(m for m in (1, 2, 5, 10) if (hi - lo) / (step * m) <= n)
+    return [k * step for k in range(math.ceil(lo / step), math.floor(hi / step) + 1)]
+
+
+def log_ticks(lo: float, hi: float) -> list[float]:
+    """log10 of round values in [10^lo, 10^hi]: the powers of ten if 3 or more, else 1, 2 and
+    5 x 10^k if 2 or more, else ticks(10^lo, 10^hi)."""
+    for ms, enough in (((1,), 3), ((1, 2, 5), 2)):
+        found = [k + math.log10(m) for k in range(math.floor(lo), math.ceil(hi) + 1) for m in ms
+                 if lo <= k + math.log10(m) <= hi]
+        if len(found) >= enough:
+            return found
+    return [math.log10(v) for v in ticks(10 ** lo, 10 ** hi)]
+
+
+def draw_curves(runlog: RunLog) -> None:
+    """Rank 0, at the end of a run or a stop: curves.png, or why not (never fails the run)."""
+    if is_master():
+        try:
+            say(write_curves(runlog.out))
+        except data.UserError as e:               # e.g. log.jsonl removed during the run
+            say(f"curves.png not drawn: {e}")
 
 
 # ---------------------------------------------------------------------------------------------

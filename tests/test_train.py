@@ -269,8 +269,10 @@ def test_demo_shortened_runs_end_to_end(tmp_path, monkeypatch):
                         "--synthetic-val", "4", "--epochs", "4", "--batch-size", "4",
                         "--mixup", "--mixup-off", "0.5", "--threads", "1"])
     assert {e: m for e, m in seen} == {0: True, 1: True, 2: False}   # 2 steps per epoch
-    for name in ("last.pt", "best.pt", "metrics.json", "log.jsonl", "figure3_demo.png"):
+    for name in ("last.pt", "best.pt", "metrics.json", "log.jsonl", "figure3_demo.png", "curves.png"):
         assert (out / name).is_file(), name
+    drawn = (out / "curves.png").read_bytes()                  # as --plot draws it from the log
+    assert train.main(["--plot", str(out)]) is None and (out / "curves.png").read_bytes() == drawn
     metrics = json.loads((out / "metrics.json").read_text())
     for key in ("AP", "AP50", "AP75", "APs", "APm", "APl"):
         assert isinstance(metrics[key], float) and 0.0 <= metrics[key] <= 1.0
@@ -368,7 +370,9 @@ def test_sigterm_saves_last_checkpoint_mid_epoch(tmp_path, monkeypatch, capsys):
     train.main(TINY + ["--synthetic-train", "8", "--out", str(tmp_path)])
     ckpt = load(tmp_path / "last.pt")
     assert ckpt["iteration"] == 3 and ckpt["epoch"] == 0 and ckpt["batch_in_epoch"] == 3
-    assert "stopped by signal at iteration 3" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "stopped by signal at iteration 3" in said
+    assert f"wrote {tmp_path / 'curves.png'}: 3 progress rows, 0 evaluations" in said
     assert signal.getsignal(signal.SIGTERM) is before          # the handler is given back
 
 
@@ -639,7 +643,8 @@ def test_a_new_run_refuses_a_folder_that_holds_a_run(tmp_path, capsys):
     with pytest.raises(train.data.UserError) as e:
         train.main(TINY + ["--max-iters", "2", "--out", str(out)])
     assert str(e.value) == (f"{out} already holds a run (last.pt, best.pt, log.jsonl, metrics.json, "
-                            f"figure3_demo.png): continue it with --resume {out / 'last.pt'}, give "
+                            f"figure3_demo.png, curves.png): continue it with --resume "
+                            f"{out / 'last.pt'}, give "
                             "a new --out, or --exist-ok to replace it")
     assert (out / "last.pt").read_bytes() == before
     capsys.readouterr()
