@@ -53,25 +53,23 @@ def deform_conv2d(x: torch.Tensor, offset: torch.Tensor, weight: torch.Tensor,
     """k x k stride-1 'same' deformable conv with `groups` deformable groups. x (B, C, H, W);
     offset (B, groups * 2 * k * k, H, W): in group g, channel 2t is the dy and 2t+1 the dx of tap
     t = k * row + col; weight (C_out, C, k, k). Channel block g of x is sampled at offset group
-    g's positions, bilinearly, reading zeros outside the map. As DCN's im2col, on x's NHWC rows:
-    an embedding_bag sums each sample's 4 weighted corners (all taps and groups at once), a matmul
-    applies the weight; NHWC (channels_last) tensors, as train.py and evaluate.py run, need no copy."""
+    g's positions, bilinearly, reading zeros outside the map. DCN's im2col on x's NHWC rows: an
+    embedding_bag sums each sample's 4 weighted corners (all taps and groups at once), then a 1x1
+    conv applies the weight; NHWC (channels_last) tensors, as train.py and evaluate.py run, need
+    no copy. The 1x1 conv is dilated on CPUs (a no-op) so that PyTorch's dispatch gives it to
+    oneDNN even single-threaded (~2x MKL's GEMM on AVX-512). Bands of <= 16 MB of samples per
+    image: the allocator reuses such a buffer, a larger one is mapped fresh (page faults) per call."""
     B, C, H, W = x.shape
     k, taps = weight.shape[-1], weight.shape[-1] ** 2
     rows, corner_w = bilinear_corners(offset, groups, k)                   # (B, H, W*k*k*G, 4) each
     table = x.permute(0, 2, 3, 1).reshape(B * H * W * groups, C // groups)  # row (b, y, x, g)
     w = weight.permute(0, 2, 3, 1).reshape(weight.shape[0], taps * C, 1, 1)  # (C_out, k*k*C, 1, 1)
-    # The matmul as a 1x1 conv: oneDNN's kernels (PyTorch's CPU dispatch picks them for a dilated
-    # one even single-threaded; a 1x1 kernel ignores dilation) run ~2x MKL's GEMM on AVX-512.
-    dilation = 2 if x.device.type == "cpu" else 1
-    # Bands of image rows with <= 16 MB of samples per image: the allocator reuses a buffer that
-    # size, a larger one it maps fresh at every call (page faults: ~20% of the s8 conv at 608).
     band, out = max(1, (16 << 20) // (W * taps * C * x.element_size())), []
     for y in range(0, H, band):
         cols = F.embedding_bag(rows[:, y:y + band].reshape(-1, 4), table, mode="sum",
                                per_sample_weights=corner_w[:, y:y + band].reshape(-1, 4).to(x.dtype))
         cols = cols.view(B, -1, W, taps * C).permute(0, 3, 1, 2)            # (B, k*k*C, band, W) NHWC
-        out.append(F.conv2d(cols, w, bias, dilation=dilation))             # (B, C_out, band, W)
+        out.append(F.conv2d(cols, w, bias, dilation=2 if x.is_cpu else 1))  # (B, C_out, band, W)
     return torch.cat(out, dim=2)                                           # (B, C_out, H, W) NHWC
 
 
@@ -86,8 +84,8 @@ def bilinear_corners(offset: torch.Tensor, groups: int, k: int) -> tuple[torch.T
     py = off[0] + (torch.arange(H, device=dev).view(H, 1, 1, 1) + tap // k - (k - 1) // 2)
     px = off[1] + (torch.arange(W, device=dev).view(W, 1, 1) + tap % k - (k - 1) // 2)
     (y0, y1, wy0, wy1), (x0, x1, wx0, wx1) = axis_corners(py, H), axis_corners(px, W)
-    first = (torch.arange(B, device=dev, dtype=torch.int32).view(B, 1, 1, 1, 1) * (H * W * groups)
-             + torch.arange(groups, device=dev, dtype=torch.int32))        # row of (b, 0, 0, g)
+    first = torch.arange(B, device=dev, dtype=torch.int32).view(B, 1, 1, 1, 1) * (H * W * groups) \
+        + torch.arange(groups, device=dev, dtype=torch.int32)              # row of (b, 0, 0, g)
     y0, y1, x0, x1 = y0 * (W * groups) + first, y1 * (W * groups) + first, x0 * groups, x1 * groups
     rows = torch.stack([y0 + x0, y0 + x1, y1 + x0, y1 + x1], dim=-1)        # (B, H, W, k*k, G, 4)
     weights = torch.stack([wy0 * wx0, wy0 * wx1, wy1 * wx0, wy1 * wx1], dim=-1)  # (B, H, W, k*k, G, 4)

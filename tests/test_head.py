@@ -210,6 +210,21 @@ def test_deform_conv_values_and_gradients_match_float64_loop_on_integers_and_off
             torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9, msg=f"{layout} d/d{name}")
 
 
+def test_deform_conv_reads_zeros_far_off_the_map_and_keeps_nan_offsets_to_their_position():
+    """Offsets of 1e30 sample zeros (the bias is left); a NaN offset (a diverged training step)
+    gives NaN at its own output position, not an index error or NaN elsewhere."""
+    g = torch.Generator().manual_seed(2)
+    x, w, b = torch.randn(1, 4, 5, 7, generator=g), torch.randn(3, 4, 3, 3, generator=g), torch.randn(3)
+    for groups in (1, 2):
+        far = torch.full((1, groups * 18, 5, 7), 1e30)
+        far[:, 1::2] *= -1                                     # dy = +1e30, dx = -1e30
+        torch.testing.assert_close(deform_conv2d(x, far, w, b, groups), b.view(1, 3, 1, 1).expand(1, 3, 5, 7))
+        offset = torch.randn(1, groups * 18, 5, 7, generator=g)
+        offset[0, 7, 2, 3] = float("nan")
+        out = deform_conv2d(x, offset, w, b, groups)
+        assert out[0, :, 2, 3].isnan().all() and out.isnan().sum() == 3
+
+
 # --- released checkpoints -----------------------------------------------------------------------
 def small_released_state(model):
     """A released-format state dict for `model` built through the inverse key map."""
