@@ -53,12 +53,11 @@ def deform_conv2d(x: torch.Tensor, offset: torch.Tensor, weight: torch.Tensor,
     """k x k stride-1 'same' deformable conv with `groups` deformable groups. x (B, C, H, W);
     offset (B, groups * 2 * k * k, H, W): in group g, channel 2t is the dy and 2t+1 the dx of tap
     t = k * row + col; weight (C_out, C, k, k). Channel block g of x is sampled at offset group
-    g's positions, bilinearly, reading zeros outside the map. DCN's im2col on x's NHWC rows: an
-    embedding_bag sums each sample's 4 weighted corners (all taps and groups at once), then a 1x1
-    conv applies the weight; NHWC (channels_last) tensors, as train.py and evaluate.py run, need
-    no copy. The 1x1 conv is dilated on CPUs (a no-op) so that PyTorch's dispatch gives it to
-    oneDNN even single-threaded (~2x MKL's GEMM on AVX-512). Bands of <= 16 MB of samples per
-    image: the allocator reuses such a buffer, a larger one is mapped fresh (page faults) per call."""
+    g's positions, bilinearly, reading zeros outside the map. DCN's im2col on x's NHWC rows (no
+    copy under channels_last): an embedding_bag sums each sample's 4 weighted corners, a 1x1 conv
+    applies the weight, dilated on CPUs (a no-op) so that PyTorch gives it to oneDNN even single-
+    threaded (~2x MKL's GEMM on AVX-512); in bands of <= 16 MB of samples per image, a buffer size
+    the allocator reuses (a larger one is mapped fresh, page faults, at every call)."""
     B, C, H, W = x.shape
     k, taps = weight.shape[-1], weight.shape[-1] ** 2
     rows, corner_w = bilinear_corners(offset, groups, k)                   # (B, H, W*k*k*G, 4) each
@@ -74,9 +73,8 @@ def deform_conv2d(x: torch.Tensor, offset: torch.Tensor, weight: torch.Tensor,
 
 
 def bilinear_corners(offset: torch.Tensor, groups: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each sample (b, y, x, tap, g) at p = (y, x) + tap + offset: the rows of its 4 bilinear
-    corners (y0 or y0+1, x0 or x0+1, clamped into the map) in x's NHWC table of (B*H*W*G) rows,
-    and their weights (1-ly or ly)(1-lx or lx), 0 off the map -> (B, H, W*k*k*G, 4) each."""
+    """Sample (b, y, x, tap, g) at p = (y, x) + tap + offset: its 4 bilinear corners' rows in x's
+    NHWC table of (B*H*W*G) rows and weights (1-ly or ly)(1-lx or lx) -> (B, H, W*k*k*G, 4) each."""
     B, _, H, W = offset.shape
     taps, dev, dtype = k * k, offset.device, torch.promote_types(offset.dtype, torch.float32)
     off = offset.view(B, groups, taps, 2, H, W).permute(3, 0, 4, 5, 2, 1).to(dtype)  # (2, B, H, W, k*k, G)
@@ -222,9 +220,8 @@ class Detector(nn.Module):
     def slot_sizes(self, stride: int) -> torch.Tensor:
         """Base (w, h) in pixels of each slot at this level: its 3 anchors (+ 4*stride free slot)."""
         sizes = self.anchors[list(ANCHOR_MASKS[stride])]                       # (3, 2)
-        if not self.guided:
-            return sizes
-        return torch.cat([sizes, torch.full((1, 2), float(FREE_SLOT_SCALE * stride))])  # (4, 2)
+        free = torch.full((1, 2), float(FREE_SLOT_SCALE * stride))             # anchor-free slot
+        return torch.cat([sizes, free]) if self.guided else sizes              # (4, 2) or (3, 2)
 
     def features(self, images: torch.Tensor) -> dict[int, torch.Tensor]:
         """Head inputs by stride: backbone -> pyramid -> fusion (or YOLOv3's 3x3 convs)."""
