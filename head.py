@@ -53,27 +53,51 @@ def deform_conv2d(x: torch.Tensor, offset: torch.Tensor, weight: torch.Tensor,
     """k x k stride-1 'same' deformable conv with `groups` deformable groups. x (B, C, H, W);
     offset (B, groups * 2 * k * k, H, W): in group g, channel 2t is the dy and 2t+1 the dx of tap
     t = k * row + col; weight (C_out, C, k, k). Channel block g of x is sampled at offset group
-    g's positions, bilinearly, reading zeros outside the map."""
+    g's positions, bilinearly, reading zeros outside the map. DCN's im2col on x's NHWC rows (no
+    copy under channels_last): an embedding_bag sums each sample's 4 weighted corners, a 1x1 conv
+    applies the weight, dilated on CPUs (a no-op) so that PyTorch gives it to oneDNN even single-
+    threaded (~2x MKL's GEMM on AVX-512); in bands of <= 16 MB of samples per image, a buffer size
+    the allocator reuses (a larger one is mapped fresh, page faults, at every call)."""
     B, C, H, W = x.shape
     k, taps = weight.shape[-1], weight.shape[-1] ** 2
-    off = offset.view(B, groups, taps, 2, H, W)                              # (B, G, k*k, 2, H, W)
-    rows = torch.arange(taps, device=x.device) // k - (k - 1) // 2           # (k*k,) tap dy
-    cols = torch.arange(taps, device=x.device) % k - (k - 1) // 2            # (k*k,) tap dx
-    ys = torch.arange(H, device=x.device, dtype=x.dtype).view(1, 1, 1, H, 1)
-    xs = torch.arange(W, device=x.device, dtype=x.dtype).view(1, 1, 1, 1, W)
-    py = ys + rows.to(x.dtype).view(1, 1, taps, 1, 1) + off[:, :, :, 0]      # (B, G, k*k, H, W)
-    px = xs + cols.to(x.dtype).view(1, 1, taps, 1, 1) + off[:, :, :, 1]      # (B, G, k*k, H, W)
-    # grid_sample with align_corners=False puts pixel p at (2p + 1) / size - 1; zeros padding
-    # reads 0 for every bilinear corner outside the map, which is DCN's rule.
-    grid = torch.stack([(2 * px + 1) / W - 1, (2 * py + 1) / H - 1], dim=-1)  # (B, G, k*k, H, W, 2)
-    grid = grid.view(B * groups, taps * H, W, 2)
-    xg = x.reshape(B * groups, C // groups, H, W)                            # (B*G, C/G, H, W)
-    cols_ = F.grid_sample(xg, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    cols_ = cols_.view(B, C * taps, H * W)                                   # (B, C*k*k, H*W)
-    out = weight.reshape(weight.shape[0], C * taps) @ cols_                  # (B, C_out, H*W)
-    if bias is not None:
-        out = out + bias.view(1, -1, 1)
-    return out.view(B, -1, H, W)                                             # (B, C_out, H, W)
+    rows, corner_w = bilinear_corners(offset, groups, k)                   # (B, H, W*k*k*G, 4) each
+    table = x.permute(0, 2, 3, 1).reshape(B * H * W * groups, C // groups)  # row (b, y, x, g)
+    w = weight.permute(0, 2, 3, 1).reshape(weight.shape[0], taps * C, 1, 1)  # (C_out, k*k*C, 1, 1)
+    band, out = max(1, (16 << 20) // (W * taps * C * x.element_size())), []
+    for y in range(0, H, band):
+        cols = F.embedding_bag(rows[:, y:y + band].reshape(-1, 4), table, mode="sum",
+                               per_sample_weights=corner_w[:, y:y + band].reshape(-1, 4).to(x.dtype))
+        cols = cols.view(B, -1, W, taps * C).permute(0, 3, 1, 2)            # (B, k*k*C, band, W) NHWC
+        out.append(F.conv2d(cols, w, bias, dilation=2 if x.is_cpu else 1))  # (B, C_out, band, W)
+    return torch.cat(out, dim=2)                                           # (B, C_out, H, W) NHWC
+
+
+def bilinear_corners(offset: torch.Tensor, groups: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample (b, y, x, tap, g) at p = (y, x) + tap + offset: its 4 bilinear corners' rows in x's
+    NHWC table of (B*H*W*G) rows and weights (1-ly or ly)(1-lx or lx) -> (B, H, W*k*k*G, 4) each."""
+    B, _, H, W = offset.shape
+    taps, dev, dtype = k * k, offset.device, torch.promote_types(offset.dtype, torch.float32)
+    off = offset.view(B, groups, taps, 2, H, W).permute(3, 0, 4, 5, 2, 1).to(dtype)  # (2, B, H, W, k*k, G)
+    tap = torch.arange(taps, device=dev).view(taps, 1)                     # (k*k, 1)
+    py = off[0] + (torch.arange(H, device=dev).view(H, 1, 1, 1) + tap // k - (k - 1) // 2)
+    px = off[1] + (torch.arange(W, device=dev).view(W, 1, 1) + tap % k - (k - 1) // 2)
+    (y0, y1, wy0, wy1), (x0, x1, wx0, wx1) = axis_corners(py, H), axis_corners(px, W)
+    first = torch.arange(B, device=dev, dtype=torch.int32).view(B, 1, 1, 1, 1) * (H * W * groups) \
+        + torch.arange(groups, device=dev, dtype=torch.int32)              # row of (b, 0, 0, g)
+    y0, y1, x0, x1 = y0 * (W * groups) + first, y1 * (W * groups) + first, x0 * groups, x1 * groups
+    rows = torch.stack([y0 + x0, y0 + x1, y1 + x0, y1 + x1], dim=-1)        # (B, H, W, k*k, G, 4)
+    weights = torch.stack([wy0 * wx0, wy0 * wx1, wy1 * wx0, wy1 * wx1], dim=-1)  # (B, H, W, k*k, G, 4)
+    return rows.view(B, H, -1, 4), weights.view(B, H, -1, 4)
+
+
+def axis_corners(p: torch.Tensor, size: int) -> tuple[torch.Tensor, ...]:
+    """Positions p on one axis -> its neighbours floor(p), floor(p) + 1 as int32 indices clamped
+    into [0, size) (NaN p: 0, its weights stay NaN) and their weights 1 - l, l, 0 off the map."""
+    low = p.floor()
+    frac = p - low                                                         # l = p - floor(p)
+    w_low, w_high = (1 - frac) * ((low >= 0) & (low < size)), frac * ((low >= -1) & (low < size - 1))
+    low = low.nan_to_num(0.0)
+    return low.clamp(0, size - 1).int(), (low + 1).clamp_(0, size - 1).int(), w_low, w_high
 
 
 class DeformConv2d(nn.Module):
@@ -196,9 +220,8 @@ class Detector(nn.Module):
     def slot_sizes(self, stride: int) -> torch.Tensor:
         """Base (w, h) in pixels of each slot at this level: its 3 anchors (+ 4*stride free slot)."""
         sizes = self.anchors[list(ANCHOR_MASKS[stride])]                       # (3, 2)
-        if not self.guided:
-            return sizes
-        return torch.cat([sizes, torch.full((1, 2), float(FREE_SLOT_SCALE * stride))])  # (4, 2)
+        free = torch.full((1, 2), float(FREE_SLOT_SCALE * stride))             # anchor-free slot
+        return torch.cat([sizes, free]) if self.guided else sizes              # (4, 2) or (3, 2)
 
     def features(self, images: torch.Tensor) -> dict[int, torch.Tensor]:
         """Head inputs by stride: backbone -> pyramid -> fusion (or YOLOv3's 3x3 convs)."""

@@ -31,7 +31,7 @@ def deform_inputs(seed: int = 0, groups: int = 4):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(2, 32, 13, 17, generator=g)                           # (B, C, H, W)
     offset = 3 * torch.randn(2, 18 * groups, 13, 17, generator=g)         # (B, 2 * 9 * G, H, W)
-    weight = torch.randn(24, 32 // groups, 3, 3, generator=g) / 10        # grouped over C_in
+    weight = torch.randn(24, 32, 3, 3, generator=g) / 10                  # (C_out, C, 3, 3)
     bias = torch.randn(24, generator=g)
     return x, offset, weight, bias, groups
 

@@ -680,6 +680,8 @@ def test_prepared_model_gives_the_golden_outputs(variant):
     conv = prepared.backbone.stem.conv if hasattr(prepared.backbone, "stem") else next(
         m for m in prepared.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3))
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert all(m.dilation == (2, 2) for m in prepared.modules()                # 1x1: to oneDNN
+               if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (1, 1))
     with torch.inference_mode():
         out = prepared(ref["input"])
     torch.testing.assert_close(out, ref["eval_output"], rtol=1e-4, atol=1e-4)

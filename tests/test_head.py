@@ -185,6 +185,46 @@ def test_deform_conv_matches_float64_loop_forward_and_backward():
     assert torch.autograd.gradcheck(lambda *a: deform_conv2d(*a, groups=2), args)
 
 
+def test_deform_conv_values_and_gradients_match_float64_loop_on_integers_and_off_the_map():
+    """Autograd through the float64 loop as the reference for the gradients too: batch 2, 3 groups,
+    odd sizes, offsets landing on exact integers (the derivative is floor's side, as DCN's kernels
+    take it) and far off the map; NCHW and NHWC (channels_last, as the model runs) inputs."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 6, 5, 7, generator=g, dtype=torch.float64)
+    offset = 2.5 * torch.randn(2, 3 * 18, 5, 7, generator=g, dtype=torch.float64)
+    offset[:, 0::4] = offset[:, 0::4].round()                  # dy of every other tap: integers
+    offset[:, 1::8] = 9 * offset[:, 1::8].sign()               # some dx: off the map
+    w = torch.randn(4, 6, 3, 3, generator=g, dtype=torch.float64)
+    b = torch.randn(4, generator=g, dtype=torch.float64)
+    grad_out = torch.randn(2, 4, 5, 7, generator=g, dtype=torch.float64)
+    leaves = [t.clone().requires_grad_(True) for t in (x, offset, w, b)]
+    expected = deform_conv_loop(*leaves, groups=3)
+    expected_grads = torch.autograd.grad(expected, leaves, grad_out)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        args = [t.contiguous(memory_format=layout) if t.dim() == 4 else t.clone() for t in (x, offset, w, b)]
+        args = [t.requires_grad_(True) for t in args]
+        out = deform_conv2d(*args, groups=3)
+        torch.testing.assert_close(out, expected, rtol=1e-9, atol=1e-9)
+        for name, got, want in zip(("x", "offset", "weight", "bias"),
+                                   torch.autograd.grad(out, args, grad_out), expected_grads):
+            torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9, msg=f"{layout} d/d{name}")
+
+
+def test_deform_conv_reads_zeros_far_off_the_map_and_keeps_nan_offsets_to_their_position():
+    """Offsets of 1e30 sample zeros (the bias is left); a NaN offset (a diverged training step)
+    gives NaN at its own output position, not an index error or NaN elsewhere."""
+    g = torch.Generator().manual_seed(2)
+    x, w, b = torch.randn(1, 4, 5, 7, generator=g), torch.randn(3, 4, 3, 3, generator=g), torch.randn(3)
+    for groups in (1, 2):
+        far = torch.full((1, groups * 18, 5, 7), 1e30)
+        far[:, 1::2] *= -1                                     # dy = +1e30, dx = -1e30
+        torch.testing.assert_close(deform_conv2d(x, far, w, b, groups), b.view(1, 3, 1, 1).expand(1, 3, 5, 7))
+        offset = torch.randn(1, groups * 18, 5, 7, generator=g)
+        offset[0, 7, 2, 3] = float("nan")
+        out = deform_conv2d(x, offset, w, b, groups)
+        assert out[0, :, 2, 3].isnan().all() and out.isnan().sum() == 3
+
+
 # --- released checkpoints -----------------------------------------------------------------------
 def small_released_state(model):
     """A released-format state dict for `model` built through the inverse key map."""
