@@ -25,7 +25,6 @@ Public entry points:
         YOLOv3 (Table 1 row 1): guided=False, spp=False; strong baseline (Sec. 3.1): the defaults;
         + ASFF (Table 3): fusion="asff"; ASFF* (Table 4): also rfb=True, dropblock=True.
     load_released(model, path_or_state_dict): the authors' checkpoints through one key map.
-    transfer_weights(model, state, source): a whole detector of another class count (fine-tuning).
     decode_level, anchor_shapes, deform_conv2d, init_weights.
 """
 
@@ -47,17 +46,15 @@ FREE_SLOT_SCALE = 4          # the anchor-free slot's base size is 4 x stride (1
 
 # ---------------------------------------------------------------------------------------------
 # Deformable convolution (DCNv1 semantics, as torchvision.ops.deform_conv2d without mask)
-# ---------------------------------------------------------------------------------------------
 def deform_conv2d(x: torch.Tensor, offset: torch.Tensor, weight: torch.Tensor,
                   bias: torch.Tensor | None, groups: int) -> torch.Tensor:
     """k x k stride-1 'same' deformable conv with `groups` deformable groups. x (B, C, H, W);
     offset (B, groups * 2 * k * k, H, W): in group g, channel 2t is the dy and 2t+1 the dx of tap
     t = k * row + col; weight (C_out, C, k, k). Channel block g of x is sampled at offset group
-    g's positions, bilinearly, reading zeros outside the map. DCN's im2col on x's NHWC rows (no
-    copy under channels_last): an embedding_bag sums each sample's 4 weighted corners, a 1x1 conv
-    applies the weight, dilated on CPUs (a no-op) so that PyTorch gives it to oneDNN even single-
-    threaded (~2x MKL's GEMM on AVX-512); in bands of <= 16 MB of samples per image, a buffer size
-    the allocator reuses (a larger one is mapped fresh, page faults, at every call)."""
+    g's positions, bilinearly, reading zeros outside the map. How: DCN's im2col on x's NHWC rows
+    (an embedding_bag sums each sample's 4 weighted corners), then the weight as a 1x1 conv,
+    dilated on CPUs (a no-op that makes PyTorch pick oneDNN, ~2x its GEMM), in bands of <= 16 MB
+    of samples (a larger buffer is mapped afresh, with page faults, at every call)."""
     B, C, H, W = x.shape
     k, taps = weight.shape[-1], weight.shape[-1] ** 2
     rows, corner_w = bilinear_corners(offset, groups, k)                   # (B, H, W*k*k*G, 4) each
@@ -158,7 +155,6 @@ class Head(nn.Module):
 
 # ---------------------------------------------------------------------------------------------
 # Decoding (eval mode, loss.py and evaluate.py share it)
-# ---------------------------------------------------------------------------------------------
 def anchor_shapes(anchor_log: torch.Tensor | None, slot_sizes: torch.Tensor,
                   grid: tuple[int, int]) -> torch.Tensor:
     """Guided anchor (w, h) of every slot and cell: A * exp(g) -> (B or 1, S, H, W, 2)."""
@@ -184,7 +180,6 @@ def decode_level(pred: torch.Tensor, anchor_log: torch.Tensor | None, stride: in
 
 # ---------------------------------------------------------------------------------------------
 # The detector
-# ---------------------------------------------------------------------------------------------
 class Detector(nn.Module):
     """DarkNet-53 + YOLOv3 pyramid + optional fusion (sum / concat / ASFF) + per-level heads.
     anchors: None (guided: "released", else "yolov3"), a name of ANCHOR_SETS or 9 (w, h) pairs."""
@@ -194,8 +189,7 @@ class Detector(nn.Module):
                  width: float = 1.0, depth: float = 1.0, anchors=None):
         super().__init__()
         self.num_classes, self.fusion_mode, self.guided = num_classes, fusion, guided
-        self.dropblock, self.strides = dropblock, STRIDES
-        self.n_slots = 4 if guided else 3
+        self.dropblock, self.strides, self.n_slots = dropblock, STRIDES, 4 if guided else 3
         anchors = ANCHOR_SETS[anchors] if isinstance(anchors, str) else anchors  # "released"/"yolov3"
         anchors = anchors or (RELEASED_ANCHORS if guided else DARKNET_ANCHORS)
         self.anchors = torch.tensor(anchors, dtype=torch.float32)              # (9, 2) w, h
@@ -232,10 +226,8 @@ class Detector(nn.Module):
 
     def forward(self, images: torch.Tensor):
         feats = self.features(images)
-        raw = {}
-        for s in STRIDES:
-            pred, anchor_log = self.heads[f"s{s}"](feats[s])                  # (B, S, 5+C, h, w)
-            raw[s] = {"pred": pred, "anchor_log": anchor_log}                  # + (B, S, 2, h, w)
+        outs = {s: self.heads[f"s{s}"](feats[s]) for s in STRIDES}            # (pred, anchor_log)
+        raw = {s: {"pred": p, "anchor_log": a} for s, (p, a) in outs.items()}  # (B, S, 5+C | 2, h, w)
         return raw if self.training else self.decode(raw)
 
     def decode(self, raw: dict) -> torch.Tensor:
@@ -298,38 +290,7 @@ def init_weights(model: nn.Module) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Plumbing: fine-tuning from a detector of another class count (train.py --weights)
-# ---------------------------------------------------------------------------------------------
-def transfer_weights(model: "Detector", state: dict[str, torch.Tensor], source: str) -> dict:
-    """Copy a state dict of `model`'s architecture, any class count: the prediction convs keep each
-    slot's [tx, ty, tw, th, obj] rows from the file and `model`'s fresh class rows; any other
-    shape difference names the key, the file and both shapes. -> {"loaded", "reinitialised": keys}"""
-    ours = model.state_dict()
-    for key in sorted(set(state) ^ set(ours)):
-        where = "only in the file" if key in state else "missing from the file"
-        raise ValueError(f"{source}: key {key} is {where}: the file holds another architecture "
-                         "(fusion, guided, SPP, RFB?)")
-    merged, report, S = {}, {"loaded": [], "reinitialised": []}, model.n_slots
-    for key, target in ours.items():
-        tensor = state[key].to(target.dtype)
-        if tensor.shape == target.shape:
-            merged[key], kind = tensor, "loaded"
-        elif key.endswith((".pred.weight", ".pred.bias")) and tensor.shape[1:] == target.shape[1:] \
-                and tensor.shape[0] % S == 0 and tensor.shape[0] // S > 5:   # only C differs
-            rows = target.clone().view(S, -1, *target.shape[1:])          # (S, 5+C_new, ...)
-            rows[:, :5] = tensor.view(S, -1, *tensor.shape[1:])[:, :5]     # box + objectness
-            merged[key], kind = rows.view_as(target), "reinitialised"
-        else:
-            raise ValueError(f"{source}: key {key} has shape {tuple(tensor.shape)}, the model "
-                             f"needs {tuple(target.shape)} (another width or depth?)")
-        report[kind].append(key)
-    model.load_state_dict(merged)
-    return report
-
-
-# ---------------------------------------------------------------------------------------------
 # Plumbing: the authors' released checkpoints, through one key map
-# ---------------------------------------------------------------------------------------------
 BN_LEAVES = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 
 
@@ -411,9 +372,8 @@ def released_key_map(model: Detector) -> dict[str, str]:
 
 def load_released(model: Detector, source, name: str | None = None) -> Detector:
     """Load the authors' checkpoint (a path or a state dict) into `model`: every key maps to one
-    of ours, every one of ours is filled, shapes equal, fp16 (`--half`) cast to fp32. Only
-    module_list.0-10 is the released DarkNet-53 (`darknet53_feature_mx.pth`): the backbone alone.
-    Errors name the key, the file and both shapes."""
+    of ours, every one of ours is filled, shapes equal, fp16 cast to fp32; only module_list.0-10
+    (`darknet53_feature_mx.pth`): the backbone alone. Errors name the key, the file and shapes."""
     name = name or (source if isinstance(source, str) else "<state dict>")
     state = torch.load(source, map_location="cpu", weights_only=True) if isinstance(source, str) \
         else source
@@ -441,7 +401,6 @@ def load_released(model: Detector, source, name: str | None = None) -> Detector:
 
 # ---------------------------------------------------------------------------------------------
 # `python head.py`: parameters and FLOPs of the paper's configurations
-# ---------------------------------------------------------------------------------------------
 def count_flops(model: nn.Module, size: int) -> float:
     """Forward FLOPs at (1, 3, size, size) by FlopCounterMode (a multiply-add is 2 FLOPs)."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -462,10 +421,9 @@ def _demo(sizes: tuple[int, ...] = (416, 608)) -> None:
         model = Detector(80, **kwargs)
         flops = "".join(f"{count_flops(model, s) / 1e9:>12.2f}" for s in sizes)
         print(f"{name:<18}{sum(p.numel() for p in model.parameters()):>14,}{flops}", flush=True)
-    with torch.no_grad():                                  # the last one, ASFF*
-        out = model.eval()(torch.zeros(1, 3, sizes[0], sizes[0]))
-    print(f"eval output at {sizes[0]}: {tuple(out.shape)} = (B, 4 slots x (rows at strides 32, 16, "
-          "8), 5 + 80)")
+    with torch.no_grad():                                              # the last one, ASFF*
+        out = model.eval()(torch.zeros(1, 3, sizes[0], sizes[0])).shape
+    print(f"eval output at {sizes[0]}: {tuple(out)} = (B, 4 slots x rows at s32/s16/s8, 5 + 80)")
 
 
 if __name__ == "__main__":

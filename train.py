@@ -45,7 +45,7 @@ import data
 import evaluate
 from darknet import read_darknet_weights
 from evaluate import opt
-from head import Detector, load_released, transfer_weights
+from head import Detector, load_released
 from loss import IOU_FORMS, compute_loss
 
 
@@ -295,7 +295,7 @@ def detector_weights(cfg: Config, arch: dict) -> tuple[dict, int]:
 
 def start_from_detector(model: Detector, cfg: Config) -> None:
     """--weights: every tensor of the file; the class rows of the prediction convs are
-    re-initialised when the class count differs (head.transfer_weights), with a report."""
+    re-initialised when the class count differs (transfer_weights), with a report."""
     arch = {k: getattr(cfg, k) for k in ARCHITECTURE}
     state, classes = detector_weights(cfg, arch)
     report = evaluate.load_foreign(transfer_weights, cfg.weights, model, state, cfg.weights)
@@ -304,6 +304,33 @@ def start_from_detector(model: Detector, cfg: Config) -> None:
           + (f"; {len(fresh)} prediction convs keep their box and objectness rows, their class "
              f"rows are new for {model.num_classes} classes (the file has {classes})" if fresh
              else f" (the file has the same {classes} classes)"), flush=True)
+
+
+def transfer_weights(model: Detector, state: dict[str, torch.Tensor], source: str) -> dict:
+    """Copy a state dict of `model`'s architecture, any class count: the prediction convs keep each
+    slot's [tx, ty, tw, th, obj] rows from the file and `model`'s fresh class rows; any other
+    shape difference names the key, the file and both shapes. -> {"loaded", "reinitialised": keys}"""
+    ours = model.state_dict()
+    for key in sorted(set(state) ^ set(ours)):
+        where = "only in the file" if key in state else "missing from the file"
+        raise ValueError(f"{source}: key {key} is {where}: the file holds another architecture "
+                         "(fusion, guided, SPP, RFB?)")
+    merged, report, S = {}, {"loaded": [], "reinitialised": []}, model.n_slots
+    for key, target in ours.items():
+        tensor = state[key].to(target.dtype)
+        if tensor.shape == target.shape:
+            merged[key], kind = tensor, "loaded"
+        elif key.endswith((".pred.weight", ".pred.bias")) and tensor.shape[1:] == target.shape[1:] \
+                and tensor.shape[0] % S == 0 and tensor.shape[0] // S > 5:   # only C differs
+            rows = target.clone().view(S, -1, *target.shape[1:])          # (S, 5+C_new, ...)
+            rows[:, :5] = tensor.view(S, -1, *tensor.shape[1:])[:, :5]     # box + objectness
+            merged[key], kind = rows.view_as(target), "reinitialised"
+        else:
+            raise ValueError(f"{source}: key {key} has shape {tuple(tensor.shape)}, the model "
+                             f"needs {tuple(target.shape)} (another width or depth?)")
+        report[kind].append(key)
+    model.load_state_dict(merged)
+    return report
 
 
 def amp_dtype_for(cfg: Config, device: torch.device) -> torch.dtype | None:

@@ -303,7 +303,7 @@ def test_demo_announces_the_slow_flop_count_before_it_starts(monkeypatch, capsys
 @pytest.mark.parametrize("guided", [True, False])
 @pytest.mark.parametrize("classes_from, classes_to", [(80, 3), (5, 3), (3, 3), (3, 7)])
 def test_transfer_keeps_box_rows_and_reinitialises_class_rows(guided, classes_from, classes_to):
-    from head import transfer_weights
+    from train import transfer_weights
     torch.manual_seed(0)
     trained = Detector(classes_from, fusion="asff", guided=guided, width=0.125, depth=0.34)
     with torch.no_grad():                                    # "trained": every value moved
@@ -329,7 +329,7 @@ def test_transfer_keeps_box_rows_and_reinitialises_class_rows(guided, classes_fr
 
 def test_transfer_from_a_released_file_of_another_class_count(tmp_path):
     """A released-format ASFF checkpoint (80 classes) -> load_released -> 3 classes."""
-    from head import transfer_weights
+    from train import transfer_weights
     released = Detector(80, fusion="asff", width=0.125, depth=0.34)
     path = tmp_path / "yolov3_asff.pth"
     torch.save(small_released_state(released), path)
@@ -342,7 +342,7 @@ def test_transfer_from_a_released_file_of_another_class_count(tmp_path):
 
 
 def test_transfer_refuses_another_architecture_naming_key_file_and_shapes():
-    from head import transfer_weights
+    from train import transfer_weights
     model = Detector(3, fusion="asff", width=0.125, depth=0.34)
     with pytest.raises(ValueError, match=r"f\.pt: key fusion\.s\d+\..* is missing from the file"):
         transfer_weights(model, Detector(3, fusion=None, width=0.125, depth=0.34).state_dict(), "f.pt")
