@@ -200,6 +200,12 @@ def localise(args: list[str], ws: Path, tiny: bool = False) -> list[str]:
 
 
 def run_train(args: list[str]) -> None:
+    if "--plot" in args:                                  # redraws a run's curves, no training
+        picture = Path(args[args.index("--plot") + 1]) / "curves.png"
+        picture.unlink()
+        train.main(args)
+        assert picture.stat().st_size > 0
+        return
     short = SHORT["train"] + (["--max-iters", "2"] if "--resume" in args else [])
     given = train.parse_config(args)
     train.main(args + short)
