@@ -417,14 +417,19 @@ def heat_colors(values: np.ndarray) -> np.ndarray:
     return np.round(np.stack(rgb, -1)).astype(np.uint8)
 
 
+def label_font(size: int):
+    """PIL's default font at `size` px (Pillow >= 10.1 scales it; older ones: its fixed bitmap)."""
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:
+        return ImageFont.load_default()
+
+
 def draw_boxes(image: Image.Image, det, class_names, conf: float = 0.0) -> Image.Image:
     """A copy of `image` with each (K, 7) detection (its pixels) over `conf` boxed in its class's
     colour and labelled "name score"; lines and text scale with the image."""
     scale = max(image.size) / 640
-    try:                                                 # Pillow >= 10.1 sizes its own font
-        font = ImageFont.load_default(size=max(11, round(14 * scale)))
-    except TypeError:
-        font = ImageFont.load_default()
+    font = label_font(max(11, round(14 * scale)))
     image = image.convert("RGB")
     draw = ImageDraw.Draw(image)
     det = torch.as_tensor(np.asarray(det, np.float64)).reshape(-1, 7)    # (K, 7)

@@ -76,12 +76,13 @@ def bilinear_corners(offset: torch.Tensor, groups: int, k: int) -> tuple[torch.T
     taps, dev, dtype = k * k, offset.device, torch.promote_types(offset.dtype, torch.float32)
     off = offset.view(B, groups, taps, 2, H, W).permute(3, 0, 4, 5, 2, 1).to(dtype)  # (2, B, H, W, k*k, G)
     tap = torch.arange(taps, device=dev).view(taps, 1)                     # (k*k, 1)
+    # sample positions, each (B, H, W, k*k, G): the cell + the tap's place in the k x k + offset
     py = off[0] + (torch.arange(H, device=dev).view(H, 1, 1, 1) + tap // k - (k - 1) // 2)
     px = off[1] + (torch.arange(W, device=dev).view(W, 1, 1) + tap % k - (k - 1) // 2)
     (y0, y1, wy0, wy1), (x0, x1, wx0, wx1) = axis_corners(py, H), axis_corners(px, W)
     first = torch.arange(B, device=dev, dtype=torch.int32).view(B, 1, 1, 1, 1) * (H * W * groups) \
         + torch.arange(groups, device=dev, dtype=torch.int32)              # row of (b, 0, 0, g)
-    y0, y1, x0, x1 = y0 * (W * groups) + first, y1 * (W * groups) + first, x0 * groups, x1 * groups
+    y0, y1, x0, x1 = y0 * (W * groups) + first, y1 * (W * groups) + first, x0 * groups, x1 * groups  # rows
     rows = torch.stack([y0 + x0, y0 + x1, y1 + x0, y1 + x1], dim=-1)        # (B, H, W, k*k, G, 4)
     weights = torch.stack([wy0 * wx0, wy0 * wx1, wy1 * wx0, wy1 * wx1], dim=-1)  # (B, H, W, k*k, G, 4)
     return rows.view(B, H, -1, 4), weights.view(B, H, -1, 4)
@@ -227,7 +228,8 @@ class Detector(nn.Module):
     def forward(self, images: torch.Tensor):
         feats = self.features(images)
         outs = {s: self.heads[f"s{s}"](feats[s]) for s in STRIDES}            # (pred, anchor_log)
-        raw = {s: {"pred": p, "anchor_log": a} for s, (p, a) in outs.items()}  # (B, S, 5+C | 2, h, w)
+        # pred (B, S, 5+C, h, w), anchor_log (B, S, 2, h, w) or None, per stride
+        raw = {s: {"pred": p, "anchor_log": a} for s, (p, a) in outs.items()}
         return raw if self.training else self.decode(raw)
 
     def decode(self, raw: dict) -> torch.Tensor:

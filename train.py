@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
@@ -1070,15 +1070,11 @@ def write_curves(run_dir: Path) -> str:
         raise data.UserError(f"{run_dir}: no such folder (a train.py run folder holds log.jsonl)")
     steps, evals, bad = read_log(run_dir / "log.jsonl")
     canvas = Image.new("RGB", (3 * PANEL_W, 3 * PANEL_H), (255, 255, 255))
-    try:                                          # Pillow >= 10.1 sizes its own font
-        font = ImageFont.load_default(size=16)
-    except TypeError:
-        font = ImageFont.load_default()
-    its = [r["iteration"] for r in steps]
-    panels = [(f"loss {t} (log scale)", "iteration", its, [r[t] for r in steps]) for t in TERMS]
-    panels += [("learning rate", "iteration", its, [r["lr"] for r in steps])]
-    panels += [(f"{k} (validation)", "epoch", [r["epoch"] for r in evals], [r[k] for r in evals])
-               for k in ("AP", "AP50")]
+    font, its = evaluate.label_font(16), [r["iteration"] for r in steps]
+    panels = [(f"loss {t} (log scale)", "iteration", its, [r[t] for r in steps], "log") for t in TERMS]
+    panels += [("learning rate", "iteration", its, [r["lr"] for r in steps], "linear")]
+    panels += [(f"{k} (validation)", "epoch", [r["epoch"] for r in evals], [r[k] for r in evals],
+                "from 0") for k in ("AP", "AP50")]
     for k, panel in enumerate(panels):
         draw_panel(ImageDraw.Draw(canvas), font, k % 3 * PANEL_W, k // 3 * PANEL_H, *panel)
     canvas.save(run_dir / "curves.png")
@@ -1086,12 +1082,13 @@ def write_curves(run_dir: Path) -> str:
             + (f"; skipped {bad} malformed line(s) of log.jsonl" if bad else ""))
 
 
-def draw_panel(draw, font, x0: int, y0: int, title: str, xlabel: str, xs, ys) -> None:
+def draw_panel(draw, font, x0: int, y0: int, title: str, xlabel: str, xs, ys, y_axis: str) -> None:
     """One panel at (x0, y0): title, x label, round ticks with grid lines, ys against xs as a
-    line (x from 0), dots where there are few; a loss: log10 y, the raw values in a light colour
-    under their running mean; AP from 0; no values: "no evaluation yet"."""
+    line (x from 0), dots where there are few. y_axis "log" (a loss): log10 y, the raw values in
+    a light colour under their running mean; "from 0" (AP): y from 0; "linear". No values: "no
+    evaluation yet"."""
     left, top, right, bottom = x0 + 70, y0 + 30, x0 + PANEL_W - 20, y0 + PANEL_H - 54
-    black, loss = (0, 0, 0), title.startswith("loss")
+    black, loss = (0, 0, 0), y_axis == "log"
     draw.text((x0 + PANEL_W / 2, y0 + 6), title, fill=black, font=font, anchor="ma")
     draw.text(((left + right) / 2, y0 + PANEL_H - 6), xlabel, fill=black, font=font, anchor="md")
     draw.rectangle((left, top, right, bottom), outline=(120, 120, 120))
@@ -1100,7 +1097,7 @@ def draw_panel(draw, font, x0: int, y0: int, title: str, xlabel: str, xs, ys) ->
                   font=font, anchor="mm")
         return
     ys = np.log10(np.maximum(ys, 1e-12)) if loss else np.array(ys)
-    (xlo, xhi), (ylo, yhi) = span([0, *xs], 0.02), span([*ys, 0] if xlabel == "epoch" else ys)
+    (xlo, xhi), (ylo, yhi) = span([0, *xs], 0.02), span([*ys, 0] if y_axis == "from 0" else ys)
     px = lambda x: left + (x - xlo) / (xhi - xlo) * (right - left)
     py = lambda y: bottom - (y - ylo) / (yhi - ylo) * (bottom - top)
     for t in ticks(xlo, xhi):

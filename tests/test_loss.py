@@ -775,6 +775,16 @@ def xy_floor(model, outputs, targets, size):
     return floor.item() / len(targets)
 
 
+def descend(fit, optimizer, steps: int) -> tuple[dict, dict]:
+    """The loss terms before and after `steps` optimizer steps on fit()["total"]."""
+    first = fit()
+    for _ in range(steps):
+        optimizer.zero_grad()
+        fit()["total"].backward()
+        optimizer.step()
+    return first, fit()
+
+
 def test_the_objective_is_minimal_at_the_objects(seed):
     """Sec. 3.4's objective over free head outputs, one parameter per output value (a network
     would have to learn them): from random offset, objectness and class logits and the anchors'
@@ -797,12 +807,7 @@ def test_the_objective_is_minimal_at_the_objects(seed):
     optimizer = torch.optim.Rprop(leaves, lr=0.01)
     fit = lambda: loss.compute_loss(outputs, targets, model, label_smooth=False)  # noqa: E731
     with torch_threads(fitting_threads()):
-        first = fit()
-        for _ in range(200):
-            optimizer.zero_grad()
-            fit()["total"].backward()
-            optimizer.step()
-        losses = fit()
+        first, losses = descend(fit, optimizer, 200)
     detached = {s: {k: v.detach() for k, v in o.items()} for s, o in outputs.items()}
     assignment, _ = assign(model, detached, targets, 64)
     assert all((a.slot == a.anchor_slot).all() for a in assignment.values())   # no takeover
@@ -855,12 +860,7 @@ def test_the_network_learns_objectness_and_classes_first(seed):
         targets = two_image_targets(seed)
         optimizer = torch.optim.Adam(model.parameters(), lr=5e-3)
         fit = lambda: loss.compute_loss(model(images), targets, model, label_smooth=False)  # noqa: E731
-        first = fit()
-        for _ in range(30):
-            optimizer.zero_grad()
-            fit()["total"].backward()
-            optimizer.step()
-        losses = fit()
+        first, losses = descend(fit, optimizer, 30)
     for term in ("total", "obj", "cls"):
         assert losses[term].item() < 0.25 * first[term].item(), (term, losses[term].item(),
                                                                 first[term].item())

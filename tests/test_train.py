@@ -48,6 +48,21 @@ def load(path):
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def signal_at_step(monkeypatch, n: int):
+    """SIGTERM to this process as train_step is entered for the n-th time (caught by
+    train.main's handler); the step itself runs. -> (the real train_step, its call count)"""
+    real, calls = train.train_step, {"n": 0}
+
+    def step_then_signal(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == n:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train, "train_step", step_then_signal)
+    return real, calls
+
+
 # ---------------------------------------------------------------------------------------------
 # The schedule, by hand
 # ---------------------------------------------------------------------------------------------
@@ -357,15 +372,7 @@ def test_accumulated_micro_batches_equal_one_large_batch(tmp_path, monkeypatch):
 def test_sigterm_saves_last_checkpoint_mid_epoch(tmp_path, monkeypatch, capsys):
     """SIGTERM during iteration 2 (of 4 per epoch): the step finishes, last.pt is written at
     iteration 3 with its data position, and the run returns normally."""
-    real, calls = train.train_step, {"n": 0}
-
-    def step_then_signal(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            os.kill(os.getpid(), signal.SIGTERM)      # caught by train.main's handler
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(train, "train_step", step_then_signal)
+    signal_at_step(monkeypatch, 3)
     before = signal.getsignal(signal.SIGTERM)
     train.main(TINY + ["--synthetic-train", "8", "--out", str(tmp_path)])
     ckpt = load(tmp_path / "last.pt")
@@ -452,15 +459,7 @@ def test_an_overflowing_step_stops_before_its_weights_are_saved(tmp_path, monkey
 def test_a_stop_after_the_final_step_saves_the_next_epoch_position(tmp_path, monkeypatch, capsys):
     """SIGTERM during the last of 8 steps (2 epochs of 4): last.pt says epoch 2, batch 0, not
     epoch 1, batch 4; resumed, the run steps no more, evaluates and writes metrics.json."""
-    real, calls = train.train_step, {"n": 0}
-
-    def step_then_signal(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 8:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(train, "train_step", step_then_signal)
+    _, calls = signal_at_step(monkeypatch, 8)
     args = TINY + ["--synthetic-train", "8", "--out", str(tmp_path)]
     train.main(args)
     ckpt = load(tmp_path / "last.pt")
@@ -610,15 +609,7 @@ def test_resume_writes_into_the_checkpoints_folder_and_a_finished_run_stays_as_i
     elsewhere; resuming a finished run says so and changes no file."""
     monkeypatch.chdir(tmp_path)                    # where a default --out would land
     train.main(TINY + ["--max-iters", "1", "--out", "r1"])
-    real, calls = train.train_step, {"n": 0}
-
-    def step_then_signal(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 1:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(train, "train_step", step_then_signal)
+    real, _ = signal_at_step(monkeypatch, 1)
     capsys.readouterr()
     train.main(["--resume", "r1/last.pt", "--max-iters", "3"])
     assert "saved r1/last.pt (continue with --resume r1/last.pt)" in capsys.readouterr().out
