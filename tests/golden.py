@@ -1,4 +1,6 @@
-"""Golden fixtures of the authors' released model (../shared/reference/golden/README.md).
+"""Golden fixtures of the authors' released model: outputs and key listings kept outside this
+repository, under $ASFF_REFERENCE (default: a shared/reference folder beside the checkout);
+without them the tests that need them skip.
 
 The fixtures hold no weights: they are regenerated from the released key listings by the
 documented rule `asff-golden-v1`, which is re-implemented here from its description, and loaded
