@@ -29,6 +29,7 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import functools
 import inspect
 import io
 import json
@@ -48,7 +49,7 @@ from pycocotools.cocoeval import COCOeval
 
 import data
 from darknet import read_darknet_weights
-from head import Detector, load_released
+from head import DeformConv2d, Detector, columns_weight, load_released
 
 CONF_THRE = 0.005   # low, as COCO AP needs (the release: 0.001 in eval.py, 0.01 in main.py)
 NMS_THRE = 0.6      # Sec. 3.4; the release's config moved to 0.65 after publication
@@ -145,14 +146,16 @@ def postprocess(decoded: torch.Tensor, conf_thre: float = CONF_THRE, nms_thre: f
 # The inference-time model: eval mode, conv+BN folded, NHWC, optionally compiled
 # ---------------------------------------------------------------------------------------------
 def prepare_for_inference(model: Detector, fold: bool = True, channels_last: bool = True,
-                          compile: bool = False, in_place: bool = False) -> Detector:
+                          compile: bool = False, in_place: bool = False, pack: bool = True) -> Detector:
     """The one place where a model is made ready to evaluate, detect, export or time (all call
     it): eval mode; each BatchNorm folded into its conv (ConvBN.fuse_bn: the same function up to
     float rounding) and the activations made in-place (each acts on a conv's fresh output);
     NHWC ("channels_last") tensors, which oneDNN convolutions on CPUs and tensor cores on GPUs
-    run without layout reorders; on a CPU, 1x1 convs dilated (the same conv, then run by oneDNN);
-    torch.compile when asked (inductor; on a CPU it needs a C++ compiler). Unless in_place, on a
-    deep copy: a model in training (train.py's) stays as it is."""
+    run without layout reorders; on a CPU, each conv's weight packed once for oneDNN with its
+    activation inside the same call (PackedConv; pack=False, or no oneDNN: 1x1 convs dilated
+    instead, the same conv run by oneDNN); torch.compile when asked (inductor; on a CPU it needs
+    a C++ compiler). Unless in_place, on a deep copy: a model in training (train.py's) stays as
+    it is. The result is for inference only: no gradients, and not for saving (export: pack off)."""
     model = model if in_place else copy.deepcopy(model)
     model.eval()
     if fold and hasattr(model, "fuse_conv_bn"):           # a Detector (tests pass stand-ins)
@@ -167,9 +170,77 @@ def prepare_for_inference(model: Detector, fold: bool = True, channels_last: boo
         # single-threaded, not to its MKL GEMM path (~2x slower on AVX-512 CPUs).
         if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (1, 1) and m.weight.is_cpu:
             m.dilation = (2, 2)
+    if pack and not compile and can_pack(next(model.parameters()).device):
+        pack_convs(model)
     if compile:
         model.forward = compiled(model.forward, next(model.parameters()).device)
     return model
+
+
+# oneDNN's fused activations for PackedConv: module type -> (name, scalars) of the fused op
+FUSED_ACTS = {torch.nn.Identity: lambda m: ("none", []), torch.nn.ReLU: lambda m: ("relu", []),
+              torch.nn.LeakyReLU: lambda m: ("leaky_relu", [m.negative_slope])}
+
+
+class PackedConv(torch.nn.Module):
+    """A CPU conv (and the activation after it) as one oneDNN call on a weight packed once.
+
+    Eager PyTorch hands oneDNN the weight in PyTorch's layout at every call, and oneDNN first
+    reorders it into its blocked layout: for the stride-32 3x3 convs (1024 x 512 x 3 x 3, 19 MB)
+    that copy costs about as much as the conv itself at 416. Here the reorder happens once, here,
+    and the activation runs in the same pass over the output. These are the ops torch.compile's
+    CPU backend emits (torch.ops.mkldnn); the sums are the same, the outputs equal to rounding."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, act: torch.nn.Module,
+                 padding=(0, 0), stride=(1, 1), dilation=(1, 1), groups: int = 1):
+        super().__init__()
+        self.args = (list(padding), list(stride), list(dilation), groups)
+        hint = [1, weight.shape[1] * groups, 64, 64]   # the input size oneDNN picks its layout for
+        self.weight = torch._C._nn.mkldnn_reorder_conv2d_weight(      # opaque, not a Parameter
+            weight.detach().float().contiguous().to_mkldnn(), *self.args, hint)
+        self.bias = None if bias is None else bias.detach()
+        self.act, self.scalars = FUSED_ACTS[type(act)](act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._convolution_pointwise(x, self.weight, self.bias, *self.args,
+                                                       self.act, self.scalars, "")
+
+
+def pack_conv(conv: torch.nn.Conv2d, act: torch.nn.Module) -> PackedConv:
+    return PackedConv(conv.weight, conv.bias, act, conv.padding, conv.stride, conv.dilation, conv.groups)
+
+
+def pack_convs(model: torch.nn.Module) -> None:
+    """Every float32 nn.Conv2d -> PackedConv, with the activation of a folded ConvBN fused in;
+    each deformable conv's 1x1 conv over its columns packed too."""
+    fp32 = lambda m: m.weight.dtype == torch.float32                  # noqa: E731
+    for block in list(model.modules()):
+        if isinstance(getattr(block, "bn", None), torch.nn.Identity) and type(block.act) in FUSED_ACTS \
+                and type(block.conv) is torch.nn.Conv2d and fp32(block.conv):  # a folded ConvBN
+            block.conv, block.act = pack_conv(block.conv, block.act), torch.nn.Identity()
+        if isinstance(block, DeformConv2d) and fp32(block):
+            block.project = PackedConv(columns_weight(block.weight), block.bias, torch.nn.Identity())
+    for parent in list(model.modules()):
+        for name, m in parent.named_children():
+            if type(m) is torch.nn.Conv2d and fp32(m):
+                setattr(parent, name, pack_conv(m, torch.nn.Identity()))
+
+
+@functools.cache
+def can_pack(device: torch.device) -> bool:
+    """Whether PackedConv runs here: a CPU whose PyTorch has oneDNN, checked on a small conv."""
+    if device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    conv = torch.nn.utils.skip_init(torch.nn.Conv2d, 4, 8, 3, padding=1)   # draws no RNG
+    x = torch.arange(2 * 4 * 6 * 6, dtype=torch.float32).view(2, 4, 6, 6).sin()
+    try:
+        with torch.no_grad():
+            conv.weight.copy_(torch.linspace(-1, 1, conv.weight.numel()).view_as(conv.weight))
+            conv.bias.fill_(0.1)
+            packed = pack_conv(conv, torch.nn.LeakyReLU(0.1))(x)
+            return torch.allclose(packed, F.leaky_relu(conv(x), 0.1), rtol=1e-4, atol=1e-5)
+    except (RuntimeError, AttributeError, NotImplementedError):
+        return False
 
 
 def compiled(forward, device: torch.device):
@@ -600,7 +671,7 @@ def export(model, path: str, size: int, fold: bool = True) -> Path:
     """torch.export of the model as prepare_for_inference makes it, for (B, 3, size, size)
     normalised inputs, any batch B -> (B, N, 5 + C) decoded rows, as model(x); run it with
     torch.export.load(path).module()."""
-    model = prepare_for_inference(model, fold, channels_last=False)   # saved weights: contiguous
+    model = prepare_for_inference(model, fold, channels_last=False, pack=False)  # plain weights, saved
     example = torch.zeros(2, 3, size, size, device=next(model.parameters()).device)
     with torch.no_grad():
         program = torch.export.export(model, (example,),

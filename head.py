@@ -47,26 +47,65 @@ FREE_SLOT_SCALE = 4          # the anchor-free slot's base size is 4 x stride (1
 # ---------------------------------------------------------------------------------------------
 # Deformable convolution (DCNv1 semantics, as torchvision.ops.deform_conv2d without mask)
 def deform_conv2d(x: torch.Tensor, offset: torch.Tensor, weight: torch.Tensor,
-                  bias: torch.Tensor | None, groups: int) -> torch.Tensor:
+                  bias: torch.Tensor | None, groups: int, project=None) -> torch.Tensor:
     """k x k stride-1 'same' deformable conv with `groups` deformable groups. x (B, C, H, W);
     offset (B, groups * 2 * k * k, H, W): in group g, channel 2t is the dy and 2t+1 the dx of tap
     t = k * row + col; weight (C_out, C, k, k). Channel block g of x is sampled at offset group
     g's positions, bilinearly, reading zeros outside the map. How: DCN's im2col on x's NHWC rows
-    (an embedding_bag sums each sample's 4 weighted corners), then the weight as a 1x1 conv,
+    (GatherCorners sums each sample's 4 weighted corners), then the weight as a 1x1 conv,
     dilated on CPUs (a no-op that makes PyTorch pick oneDNN, ~2x its GEMM), in bands of <= 16 MB
-    of samples (a larger buffer is mapped afresh, with page faults, at every call)."""
+    of samples (a larger buffer is mapped afresh, with page faults, at every call). `project`,
+    when given, is that 1x1 conv (prepare_for_inference passes one with its weight packed)."""
     B, C, H, W = x.shape
     k, taps = weight.shape[-1], weight.shape[-1] ** 2
     rows, corner_w = bilinear_corners(offset, groups, k)                   # (B, H, W*k*k*G, 4) each
     table = x.permute(0, 2, 3, 1).reshape(B * H * W * groups, C // groups)  # row (b, y, x, g)
-    w = weight.permute(0, 2, 3, 1).reshape(weight.shape[0], taps * C, 1, 1)  # (C_out, k*k*C, 1, 1)
+    if project is None:
+        w = columns_weight(weight)                                         # (C_out, k*k*C, 1, 1)
+        project = lambda cols: F.conv2d(cols, w, bias, dilation=2 if x.is_cpu else 1)  # noqa: E731
     band, out = max(1, (16 << 20) // (W * taps * C * x.element_size())), []
     for y in range(0, H, band):
-        cols = F.embedding_bag(rows[:, y:y + band].reshape(-1, 4), table, mode="sum",
-                               per_sample_weights=corner_w[:, y:y + band].reshape(-1, 4).to(x.dtype))
+        cols = GatherCorners.apply(rows[:, y:y + band].reshape(-1, 4), table,
+                                   corner_w[:, y:y + band].reshape(-1, 4).to(x.dtype))  # (N, C/G)
         cols = cols.view(B, -1, W, taps * C).permute(0, 3, 1, 2)            # (B, k*k*C, band, W) NHWC
-        out.append(F.conv2d(cols, w, bias, dilation=2 if x.is_cpu else 1))  # (B, C_out, band, W)
+        out.append(project(cols))                                          # (B, C_out, band, W)
     return torch.cat(out, dim=2)                                           # (B, C_out, H, W) NHWC
+
+
+def columns_weight(weight: torch.Tensor) -> torch.Tensor:
+    """A k x k conv's weight (C_out, C, k, k) as the 1x1 conv over its im2col columns, whose
+    channel tap * C + c holds input channel c at tap t = k * row + col: (C_out, k*k*C, 1, 1)."""
+    return weight.permute(0, 2, 3, 1).reshape(weight.shape[0], -1, 1, 1)
+
+
+class GatherCorners(torch.autograd.Function):
+    """cols[n] = sum_j weights[n, j] * table[rows[n, j]]: rows, weights (N, 4); table (R, C) ->
+    (N, C). The forward is F.embedding_bag's sum. Its backward to the table is a scatter-add,
+    which PyTorch's own backward runs row by row: a third of the demo's training step, at rows
+    of 16 floats. The transpose of a gather is a gather too, once the (sample, corner) pairs are
+    sorted by the row they read: table row r collects the pairs of the r-th run, by embedding_bag."""
+
+    @staticmethod
+    def forward(ctx, rows, table, weights):
+        ctx.save_for_backward(rows, table, weights)
+        return F.embedding_bag(rows, table, mode="sum", per_sample_weights=weights)
+
+    @staticmethod
+    def backward(ctx, grad):                                               # grad (N, C)
+        rows, table, weights = ctx.saved_tensors
+        grad_table = grad_weights = None
+        if ctx.needs_input_grad[1]:
+            flat = rows.reshape(-1)                                        # (N*4,) pair -> row
+            by_row = flat.argsort()                                        # (N*4,) pairs, row-sorted
+            runs = torch.bincount(flat, minlength=table.shape[0])          # (R,) pairs per row
+            grad_table = F.embedding_bag(by_row // 4, grad.contiguous(), runs.cumsum(0) - runs,
+                                         mode="sum", per_sample_weights=weights.reshape(-1)[by_row])
+        if ctx.needs_input_grad[2]:   # d cols[n] / d weights[n, j] = table[rows[n, j]]: PyTorch's
+            with torch.enable_grad():                                     # own, fused kernel
+                w = weights.detach().requires_grad_()
+                out = F.embedding_bag(rows, table.detach(), mode="sum", per_sample_weights=w)
+                (grad_weights,) = torch.autograd.grad(out, w, grad)
+        return None, grad_table, grad_weights
 
 
 def bilinear_corners(offset: torch.Tensor, groups: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,9 +144,10 @@ class DeformConv2d(nn.Module):
         super().__init__()
         template = nn.Conv2d(c_in, c_out, k)               # borrow PyTorch's default init
         self.weight, self.bias, self.groups = template.weight, template.bias, groups
+        self.project = None             # the columns' 1x1 conv, when prepare_for_inference packs it
 
     def forward(self, x: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
-        return deform_conv2d(x, offset, self.weight, self.bias, self.groups)
+        return deform_conv2d(x, offset, self.weight, self.bias, self.groups, self.project)
 
 
 class RFB(nn.Module):

@@ -116,7 +116,7 @@ def test_export_gives_the_eager_models_outputs(tmp_path):
     ev.main(["--export", str(path), "--weights", write_checkpoint(tmp_path / "c.pt", model),
              "--size", str(SIZE)])
     program = torch.export.load(str(path)).module()
-    prepared = ev.prepare_for_inference(model, channels_last=False)   # what export saves
+    prepared = ev.prepare_for_inference(model, channels_last=False, pack=False)   # what export saves
     for batch in (1, 3):
         x = torch.randn(batch, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(batch))
         with torch.no_grad():

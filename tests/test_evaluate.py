@@ -668,20 +668,30 @@ def test_user_errors_end_in_one_line_and_status_2(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # prepare_for_inference: folded, NHWC, in-place activations - the released model's outputs
 # ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("pack", [True, False])
 @pytest.mark.parametrize("variant", ["baseline", "asff", "asff-rfb"])
-def test_prepared_model_gives_the_golden_outputs(variant):
+def test_prepared_model_gives_the_golden_outputs(variant, pack):
     golden = pytest.importorskip("golden")
     if not (golden.REFERENCE / "golden").is_dir():
         pytest.skip(f"golden fixtures not found under {golden.REFERENCE}")
+    if pack and not ev.can_pack(torch.device("cpu")):
+        pytest.skip("this PyTorch has no oneDNN: prepare_for_inference packs nothing")
     ref, model = golden.golden_reference(variant), golden.golden_model(variant)
-    prepared = ev.prepare_for_inference(model)
+    prepared = ev.prepare_for_inference(model, pack=pack)
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())   # a copy
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in prepared.modules())
-    conv = prepared.backbone.stem.conv if hasattr(prepared.backbone, "stem") else next(
-        m for m in prepared.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3))
-    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
-    assert all(m.dilation == (2, 2) for m in prepared.modules()                # 1x1: to oneDNN
-               if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (1, 1))
+    convs = [m for m in prepared.modules() if isinstance(m, torch.nn.Conv2d)]
+    packed = [m for m in prepared.modules() if isinstance(m, ev.PackedConv)]
+    if pack:   # every conv packed; the activations after folded convs fused into them
+        head = pytest.importorskip("head")
+        assert not convs and len(packed) == sum(isinstance(m, (torch.nn.Conv2d, head.DeformConv2d))
+                                                for m in model.modules())   # + their projections
+        assert sum(p.act == "leaky_relu" for p in packed) == sum(
+            isinstance(m, torch.nn.LeakyReLU) for m in model.modules())
+        assert not any(isinstance(m, torch.nn.LeakyReLU) for m in prepared.modules())
+    else:
+        assert not packed and all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in convs)
+        assert all(m.dilation == (2, 2) for m in convs if m.kernel_size == (1, 1))   # to oneDNN
     with torch.inference_mode():
         out = prepared(ref["input"])
     torch.testing.assert_close(out, ref["eval_output"], rtol=1e-4, atol=1e-4)
@@ -704,6 +714,49 @@ def test_prepare_leaves_a_training_model_alone_and_compile_needs_a_compiler(monk
     data = pytest.importorskip("data")
     with pytest.raises(data.UserError, match="--compile on a CPU needs a C\\+\\+ compiler"):
         ev.prepare_for_inference(model, compile=True)
+
+
+@pytest.mark.parametrize("k, stride, dilation, bias, act", [
+    (3, 1, 1, False, torch.nn.LeakyReLU(0.1)), (3, 2, 1, True, torch.nn.ReLU()),
+    (1, 1, 2, True, torch.nn.Identity()), (1, 1, 1, False, torch.nn.LeakyReLU(0.25))])
+def test_a_packed_conv_is_the_conv_and_its_activation_in_float64(k, stride, dilation, bias, act):
+    """PackedConv (weight reordered once, activation fused) against the float64 conv + activation,
+    on NCHW and NHWC inputs of other batch sizes and shapes than its layout hint (64 x 64)."""
+    if not ev.can_pack(torch.device("cpu")):
+        pytest.skip("this PyTorch has no oneDNN: prepare_for_inference packs nothing")
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(24, 40, k, stride, padding=(k - 1) // 2, dilation=dilation, bias=bias)
+    packed = ev.pack_conv(conv, act)
+    for shape in [(1, 24, 13, 13), (3, 24, 20, 17)]:
+        x = torch.randn(shape)
+        want = act(conv.double()(x.double())).float()
+        conv.float()
+        for layout in (torch.contiguous_format, torch.channels_last):
+            got = packed(x.contiguous(memory_format=layout))
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_prepare_packs_only_float32_cpu_convs_and_the_deformable_projection():
+    """A float64 model is prepared without packing (oneDNN packs float32); a float32 one has
+    every conv packed, the deformable convs' projection too, and gives the float64 model's output."""
+    head = pytest.importorskip("head")
+    if not ev.can_pack(torch.device("cpu")):
+        pytest.skip("this PyTorch has no oneDNN: prepare_for_inference packs nothing")
+    torch.manual_seed(0)
+    model = head.Detector(5, fusion="asff", width=0.125, depth=0.33).eval()
+    x = torch.randn(2, 3, 96, 96)
+    double = ev.prepare_for_inference(model.double())
+    assert not any(isinstance(m, ev.PackedConv) for m in double.modules())
+    with torch.inference_mode():
+        want = double(x.double()).float()
+    single = ev.prepare_for_inference(model.float())
+    deform = [m for m in single.modules() if isinstance(m, head.DeformConv2d)]
+    assert deform and all(isinstance(m.project, ev.PackedConv) for m in deform)
+    assert not any(isinstance(m, torch.nn.Conv2d) for m in single.modules())
+    with torch.inference_mode():
+        got = single(x)
+    cols = [0, 1, *range(4, got.shape[-1])]   # at random init exp(w), exp(h) overflow float32
+    torch.testing.assert_close(got[..., cols], want[..., cols], rtol=1e-4, atol=1e-3)
 
 
 def test_against_report_states_ratios_and_roofline_fractions_by_hand():
