@@ -377,8 +377,8 @@ def speed_benchmark(sizes=(416, 608), variants=tuple(SPEED_VARIANTS), device: st
                     warmup: int = 1, width: float = 1.0, depth: float = 1.0, fold: bool = True,
                     verbose: bool = True) -> dict:
     """Median forward ms per image of every variant at every size, rounds interleaved (each
-    round times every (size, variant) once) so load changes hit all alike; then the same with
-    conv+BN folded. Returns {"forward": {(folded, size, variant): wall ms}, "forward_cpu": the
+    round times every (size, variant) once) so load changes hit all alike; then the same after
+    evaluate.prepare_for_inference (conv+BN folded, NHWC, on CPUs the weights packed). Returns {"forward": {(folded, size, variant): wall ms}, "forward_cpu": the
     same in process CPU ms, "decode_nms": {size: time_decode_nms(size)}}."""
     dev = torch.device(device)
     models = {}
@@ -388,9 +388,8 @@ def speed_benchmark(sizes=(416, 608), variants=tuple(SPEED_VARIANTS), device: st
                                         **SPEED_VARIANTS[v]).eval().to(dev)
     times = {}
     for folded in (False, True) if fold else (False,):
-        if folded:
-            for m in models.values():
-                m.fuse_conv_bn()
+        if folded:   # as evaluation runs them: folded, NHWC, on CPUs packed
+            models = {v: evaluate.prepare_for_inference(m, in_place=True) for v, m in models.items()}
         for r in range(warmup + runs):
             for s in sizes:
                 x = torch.randn(batch, 3, s, s, device=dev)                # (B, 3, S, S)
@@ -447,7 +446,8 @@ def speed_report(bench: dict, sizes, variants) -> tuple[str, dict]:
     summary |= overheads(fwd, sizes, variants, folds, "") | overheads(cpu, sizes, variants,
                                                                      folds, "cpu_")
     lines.append("ms per image, medians. fwd: wall time of the eval forward (it includes the "
-                 "head's decode); cpu: process CPU time of it; folded: conv+BN folded. decode, "
+                 "head's decode); cpu: process CPU time of it; folded: after prepare_for_inference (conv+BN folded, NHWC, "
+                 "packed on CPUs). decode, "
                  "NMS: wall time on realistic_raw() outputs (CPU time in the JSON). FPS* = 1000 "
                  "/ (folded fwd + decode + NMS). paper FPS: V100, Tables 3-4.")
     return "\n".join(lines), summary
@@ -509,7 +509,7 @@ def training_step(head_module, loss_module, fusion, channels_last: bool, size: i
 
 
 def against_benchmark(reference: str, sizes=(416, 608), runs: int = 5, train_size: int = 416,
-                      train_batch: int = 2, train_runs: int = 3) -> tuple[str, dict]:
+                      train_batch: int = 2, train_runs: int = 5) -> tuple[str, dict]:
     """Ours (evaluate.prepare_for_inference; training in NHWC as train.py runs it) against the
     checkout at `reference` as it ran (its plain eval forward; its training step), rounds
     interleaved; FLOPs and the fraction of the measured conv roofline."""
@@ -651,7 +651,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "../ref <commit>`")
     p.add_argument("--sizes", type=int, nargs="+", default=[416, 608])
     p.add_argument("--runs", type=int, default=5)
-    p.add_argument("--train-runs", type=int, default=3)
+    p.add_argument("--train-runs", type=int, default=5)
     p.add_argument("--train-size", type=int, default=416)
     p.add_argument("--train-batch", type=int, default=2)
     p.set_defaults(run=run_against)
