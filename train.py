@@ -147,7 +147,8 @@ class Config:
 
 
 # The CPU demo (no --data): a small ASFF trained from scratch on data.make_synthetic's shapes,
-# 1,152 steps of 16 images (18 epochs of 1,024) at 128-192 px (README, "Two commands", for its time and AP).
+# 1,152 steps of 16 images (18 epochs of 1,024) at 128-192 px (README, "Two commands", for its
+# time and AP).
 # It departs from the recipe where 10 minutes demand it: no pretrained backbone, so a larger lr;
 # the loss (summed over cells, divided by the batch) starts with a gradient norm of ~6000,
 # which diverges without the release's slow (it/W)^4 warm-up unless the norm is clipped; no
