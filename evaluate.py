@@ -498,7 +498,8 @@ def label_font(size: int):
 
 def draw_boxes(image: Image.Image, det, class_names, conf: float = 0.0) -> Image.Image:
     """A copy of `image` with each (K, 7) detection (its pixels) over `conf` boxed in its class's
-    colour and labelled "name score"; lines and text scale with the image."""
+    colour and labelled "name score" (labels placed by label_spots, so none hides another);
+    lines and text scale with the image."""
     scale = max(image.size) / 640
     font = label_font(max(11, round(14 * scale)))
     image = image.convert("RGB")
@@ -507,18 +508,37 @@ def draw_boxes(image: Image.Image, det, class_names, conf: float = 0.0) -> Image
     det = det[(det[:, 4] >= conf) & torch.isfinite(det).all(1)]          # (K', 7)
     det[:, [0, 2]] = det[:, [0, 2]].clamp(-1, image.width)     # Pillow fails on huge coordinates
     det[:, [1, 3]] = det[:, [1, 3]].clamp(-1, image.height)
-    for x1, y1, x2, y2, score, cls, _ in det.tolist():
-        color, cls = class_color(class_names, int(cls)), int(cls)
+    rows = det.tolist()
+    labels = [f"{class_names[int(c)] if int(c) < len(class_names) else int(c)} {score:.2f}"
+              for *_, score, c, _ in rows]
+    extents = [draw.textbbox((0, 0), label, font=font) for label in labels]
+    sizes = [(b[2] - b[0] + 4, b[3] - b[1] + 4) for b in extents]        # label boxes (w, h)
+    spots = label_spots([r[:4] for r in rows], sizes, image.size)
+    colors = [class_color(class_names, int(r[5])) for r in rows]
+    for (x1, y1, x2, y2, *_), color in zip(rows, colors):                 # boxes, then labels
         draw.rectangle((x1, y1, x2, y2), outline=color, width=max(2, round(3 * scale)))
-        label = f"{class_names[cls] if cls < len(class_names) else cls} {score:.2f}"
-        box = draw.textbbox((0, 0), label, font=font)                 # the label's extent
-        tw, th = box[2] - box[0] + 4, box[3] - box[1] + 4
-        tx = min(max(x1, 0), max(image.width - tw, 0))                 # inside the picture
-        ty = y1 - th if y1 - th >= 0 else max(y1, 0)                   # above the box if room
+    for label, color, (tx, ty) in zip(labels, colors, spots):
         box = draw.textbbox((tx + 2, ty + 2), label, font=font)
         draw.rectangle((box[0] - 2, box[1] - 2, box[2] + 2, box[3] + 2), fill=color)
         draw.text((tx + 2, ty + 2), label, fill=(0, 0, 0), font=font)
     return image
+
+
+def label_spots(boxes, sizes, image_wh) -> list[tuple[float, float]]:
+    """Top-left corners for the labels (w, h) of boxes [x1, y1, x2, y2], in order (highest
+    score first): the first of above the box, inside its top, inside its bottom, below it that
+    stays in the picture and overlaps no label placed before; else above the box."""
+    placed, spots = [], []
+    for (x1, y1, _, y2), (w, h) in zip(boxes, sizes):
+        tx = min(max(x1, 0), max(image_wh[0] - w, 0))                  # inside the picture
+        tries = [y1 - h, max(y1, 0), y2 - h, y2]                        # above, in, in, below
+        inside = [ty for ty in tries if 0 <= ty <= image_wh[1] - h] or [max(y1, 0)]
+        free = [ty for ty in inside if not any(
+            tx < px + pw and px < tx + w and ty < py + ph and py < ty + h for px, py, pw, ph in placed)]
+        ty = (free or inside)[0]
+        placed.append((tx, ty, w, h))
+        spots.append((tx, ty))
+    return spots
 
 
 def figure3_size(image_wh: tuple[int, int], tile: int = TILE) -> tuple[int, int]:

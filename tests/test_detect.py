@@ -92,6 +92,22 @@ def test_detect_names_missing_paths_and_empty_folders(tmp_path):
         ev.image_files([str(tmp_path / "empty")])
 
 
+def test_labels_of_boxes_that_share_a_corner_do_not_hide_each_other():
+    """label_spots by hand: 30 x 10 labels on a 100 x 100 picture. The first box's label goes
+    above it; a second box with the same top edge gets the inside of its top, a third the
+    inside of its bottom; a box at the picture's top edge has its label inside."""
+    boxes = [[20, 40, 60, 90], [20, 40, 70, 80], [20, 40, 50, 95], [5, 0, 40, 30]]
+    spots = ev.label_spots(boxes, [(30, 10)] * 4, (100, 100))
+    assert spots == [(20, 30), (20, 40), (20, 85), (5, 0)]
+    crowded = ev.label_spots([[0, 10, 30, 30]] * 6, [(30, 10)] * 6, (100, 40))
+    assert crowded[:4] == [(0, 0), (0, 10), (0, 20), (0, 30)]  # every free spot used, then
+    assert crowded[4:] == [(0, 0), (0, 0)]                     # above the box again
+    drawn = ev.draw_boxes(Image.new("RGB", (200, 200)), torch.tensor(
+        [[40.0, 80, 160, 180, 0.9, 2, 0.9], [40.0, 80, 120, 150, 0.8, 0, 0.8]]), NAMES, 0.5)
+    above, inside = drawn.getpixel((41, 78)), drawn.getpixel((41, 83))
+    assert above == ev.COLOR_WORDS["blue"] and inside != above and inside != (0, 0, 0)
+
+
 def test_boxes_are_drawn_in_proportion_to_the_image():
     det = torch.tensor([[10.0, 10, 60, 40, 0.9, 2, 0.9]])
     small = ev.draw_boxes(Image.new("RGB", (100, 80)), det, NAMES, 0.5)
