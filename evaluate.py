@@ -32,6 +32,7 @@ import dataclasses
 import functools
 import inspect
 import io
+import itertools
 import json
 import os
 import shutil
@@ -170,10 +171,10 @@ def prepare_for_inference(model: Detector, fold: bool = True, channels_last: boo
         # single-threaded, not to its MKL GEMM path (~2x slower on AVX-512 CPUs).
         if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (1, 1) and m.weight.is_cpu:
             m.dilation = (2, 2)
-    if pack and not compile and can_pack(next(model.parameters()).device):
+    if pack and not compile and can_pack(device_of(model)):
         pack_convs(model)
     if compile:
-        model.forward = compiled(model.forward, next(model.parameters()).device)
+        model.forward = compiled(model.forward, device_of(model))
     return model
 
 
@@ -198,7 +199,7 @@ class PackedConv(torch.nn.Module):
         hint = [1, weight.shape[1] * groups, 64, 64]   # the input size oneDNN picks its layout for
         self.weight = torch._C._nn.mkldnn_reorder_conv2d_weight(      # opaque, not a Parameter
             weight.detach().float().contiguous().to_mkldnn(), *self.args, hint)
-        self.bias = None if bias is None else bias.detach()
+        self.register_buffer("bias", None if bias is None else bias.detach())
         self.act, self.scalars = FUSED_ACTS[type(act)](act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -224,6 +225,12 @@ def pack_convs(model: torch.nn.Module) -> None:
         for name, m in parent.named_children():
             if type(m) is torch.nn.Conv2d and fp32(m):
                 setattr(parent, name, pack_conv(m, torch.nn.Identity()))
+
+
+def device_of(model: torch.nn.Module) -> torch.device:
+    """Where a model's tensors are (a packed model may keep no parameters: it is on the CPU)."""
+    tensor = next(itertools.chain(model.parameters(), model.buffers()), None)
+    return torch.device("cpu") if tensor is None else tensor.device
 
 
 @functools.cache
@@ -365,7 +372,7 @@ def _infer_shard(model, dataset, indices, cfg: "EvalConfig", total: int, world: 
                  verbose: bool) -> tuple[dict[int, list[dict]], list[str]]:
     """Detections of the images at `indices`: {dataset index: COCO result dicts}, failures; a
     status line every ~5 s (rank 0's count x ranks, rate, ETA)."""
-    device, per_image, failures = next(model.parameters()).device, {}, []
+    device, per_image, failures = device_of(model), {}, []
     tic, last = time.time(), 0.0
     post = dict(conf_thre=CONF_THRE if cfg.conf_thre is None else cfg.conf_thre,
                 nms_thre=cfg.nms_thre, max_det=cfg.max_det, multi_label=cfg.multi_label)
@@ -647,7 +654,7 @@ def detect_image(model, image: np.ndarray, cfg: "EvalConfig") -> tuple[torch.Ten
     """uint8 (H, W, 3) RGB -> ((K, 7) detections in its pixels, every box over CONF_THRE; the
     (1, 3, S, S) input): the evaluation's preprocessing, decode and NMS, in eval mode."""
     x = preprocess(image, cfg.size, cfg.letterbox, cfg.darknet_input)[None]      # (1, 3, S, S)
-    x = x.to(next(model.parameters()).device)
+    x = x.to(device_of(model))
     with torch.inference_mode():
         det = postprocess(model.eval()(x), CONF_THRE, cfg.nms_thre, cfg.max_det, cfg.multi_label)[0]
     return to_original(det.cpu(), (cfg.size, cfg.size), image.shape[:2], cfg.letterbox), x
@@ -692,7 +699,7 @@ def export(model, path: str, size: int, fold: bool = True) -> Path:
     normalised inputs, any batch B -> (B, N, 5 + C) decoded rows, as model(x); run it with
     torch.export.load(path).module()."""
     model = prepare_for_inference(model, fold, channels_last=False, pack=False)  # plain weights, saved
-    example = torch.zeros(2, 3, size, size, device=next(model.parameters()).device)
+    example = torch.zeros(2, 3, size, size, device=device_of(model))
     with torch.no_grad():
         program = torch.export.export(model, (example,),
                                       dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=1024)},))

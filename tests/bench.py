@@ -378,8 +378,9 @@ def speed_benchmark(sizes=(416, 608), variants=tuple(SPEED_VARIANTS), device: st
                     verbose: bool = True) -> dict:
     """Median forward ms per image of every variant at every size, rounds interleaved (each
     round times every (size, variant) once) so load changes hit all alike; then the same after
-    evaluate.prepare_for_inference (conv+BN folded, NHWC, on CPUs the weights packed). Returns {"forward": {(folded, size, variant): wall ms}, "forward_cpu": the
-    same in process CPU ms, "decode_nms": {size: time_decode_nms(size)}}."""
+    evaluate.prepare_for_inference (conv+BN folded, NHWC, on CPUs the weights packed). Returns
+    {"forward": {(folded, size, variant): wall ms}, "forward_cpu": the same in process CPU ms,
+    "decode_nms": {size: time_decode_nms(size)}}."""
     dev = torch.device(device)
     models = {}
     for v in variants:
@@ -446,9 +447,9 @@ def speed_report(bench: dict, sizes, variants) -> tuple[str, dict]:
     summary |= overheads(fwd, sizes, variants, folds, "") | overheads(cpu, sizes, variants,
                                                                      folds, "cpu_")
     lines.append("ms per image, medians. fwd: wall time of the eval forward (it includes the "
-                 "head's decode); cpu: process CPU time of it; folded: after prepare_for_inference (conv+BN folded, NHWC, "
-                 "packed on CPUs). decode, "
-                 "NMS: wall time on realistic_raw() outputs (CPU time in the JSON). FPS* = 1000 "
+                 "head's decode); cpu: process CPU time of it; folded: after "
+                 "prepare_for_inference (conv+BN folded, NHWC, packed on CPUs). decode, NMS: "
+                 "wall time on realistic_raw() outputs (CPU time in the JSON). FPS* = 1000 "
                  "/ (folded fwd + decode + NMS). paper FPS: V100, Tables 3-4.")
     return "\n".join(lines), summary
 

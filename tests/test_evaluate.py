@@ -757,6 +757,12 @@ def test_prepare_packs_only_float32_cpu_convs_and_the_deformable_projection():
         got = single(x)
     cols = [0, 1, *range(4, got.shape[-1])]   # at random init exp(w), exp(h) overflow float32
     torch.testing.assert_close(got[..., cols], want[..., cols], rtol=1e-4, atol=1e-3)
+    yolov3 = ev.prepare_for_inference(head.Detector(5, fusion=None, guided=False, spp=False,
+                                                    width=0.125, depth=0.33))
+    assert not list(yolov3.parameters()) and ev.device_of(yolov3) == torch.device("cpu")
+    cfg = ev.EvalConfig(size=96)                      # every conv packed: no parameter left,
+    det, _ = ev.detect_image(yolov3, np.zeros((50, 70, 3), np.uint8), cfg)   # still runs
+    assert det.shape[1] == 7
 
 
 def test_against_report_states_ratios_and_roofline_fractions_by_hand():
