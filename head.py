@@ -81,9 +81,9 @@ def columns_weight(weight: torch.Tensor) -> torch.Tensor:
 class GatherCorners(torch.autograd.Function):
     """cols[n] = sum_j weights[n, j] * table[rows[n, j]]: rows, weights (N, 4); table (R, C) ->
     (N, C). The forward is F.embedding_bag's sum. Its backward to the table is a scatter-add,
-    which PyTorch's own backward runs row by row: a third of the demo's training step, at rows
-    of 16 floats. The transpose of a gather is a gather too, once the (sample, corner) pairs are
-    sorted by the row they read: table row r collects the pairs of the r-th run, by embedding_bag."""
+    which PyTorch's own backward runs row by row: early in the demo's training, while offsets
+    are near zero, a third of its step. The transpose of a gather is a gather too, once the
+    (sample, corner) pairs are sorted by the row they read: table row r sums the r-th run."""
 
     @staticmethod
     def forward(ctx, rows, table, weights):
