@@ -144,7 +144,7 @@ def postprocess(decoded: torch.Tensor, conf_thre: float = CONF_THRE, nms_thre: f
 
 
 # ---------------------------------------------------------------------------------------------
-# The inference-time model: eval mode, conv+BN folded, NHWC, optionally compiled
+# The inference-time model: eval mode, conv+BN folded, NHWC, convs packed, optionally compiled
 # ---------------------------------------------------------------------------------------------
 def prepare_for_inference(model: Detector, fold: bool = True, channels_last: bool = True,
                           compile: bool = False, in_place: bool = False, pack: bool = True) -> Detector:
@@ -204,7 +204,7 @@ class PackedConv(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._convolution_pointwise(x, self.weight, self.bias, *self.args,
-                                                       self.act, self.scalars, "")
+                                                       self.act, self.scalars, "")  # (B, C_out, H', W')
 
 
 def pack_conv(conv: torch.nn.Conv2d, act: torch.nn.Module) -> PackedConv:
