@@ -49,6 +49,7 @@ from PIL import Image, ImageDraw, ImageFont
 from pycocotools.cocoeval import COCOeval
 
 import data
+from asff import ConvBN
 from darknet import read_darknet_weights
 from head import DeformConv2d, Detector, columns_weight, load_released
 
@@ -166,21 +167,24 @@ def prepare_for_inference(model: Detector, fold: bool = True, channels_last: boo
                 m.inplace = True
     if channels_last:
         model.to(memory_format=torch.channels_last)
-    for m in model.modules():
-        # A 1x1 conv ignores dilation; dilated, PyTorch's CPU dispatch sends it to oneDNN even
-        # single-threaded, not to its MKL GEMM path (~2x slower on AVX-512 CPUs).
-        if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (1, 1) and m.weight.is_cpu:
-            m.dilation = (2, 2)
     if pack and not compile and can_pack(device_of(model)):
         pack_convs(model)
+    else:
+        for m in model.modules():
+            # A 1x1 conv ignores dilation; dilated, PyTorch's CPU dispatch sends it to oneDNN
+            # even single-threaded, not to its MKL GEMM path (~2x slower on AVX-512 CPUs).
+            if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (1, 1) and m.weight.is_cpu:
+                m.dilation = (2, 2)
     if compile:
         model.forward = compiled(model.forward, device_of(model))
     return model
 
 
-# oneDNN's fused activations for PackedConv: module type -> (name, scalars) of the fused op
-FUSED_ACTS = {torch.nn.Identity: lambda m: ("none", []), torch.nn.ReLU: lambda m: ("relu", []),
-              torch.nn.LeakyReLU: lambda m: ("leaky_relu", [m.negative_slope])}
+def fused_activation(act: torch.nn.Module) -> tuple[str, list] | None:
+    """The (name, scalars) by which oneDNN applies `act` inside a conv, or None if it cannot."""
+    if type(act) is torch.nn.LeakyReLU:
+        return "leaky_relu", [act.negative_slope]
+    return {torch.nn.Identity: ("none", []), torch.nn.ReLU: ("relu", [])}.get(type(act))
 
 
 class PackedConv(torch.nn.Module):
@@ -198,9 +202,9 @@ class PackedConv(torch.nn.Module):
         self.args = (list(padding), list(stride), list(dilation), groups)
         hint = [1, weight.shape[1] * groups, 64, 64]   # the input size oneDNN picks its layout for
         self.weight = torch._C._nn.mkldnn_reorder_conv2d_weight(      # opaque, not a Parameter
-            weight.detach().float().contiguous().to_mkldnn(), *self.args, hint)
+            weight.detach().contiguous().to_mkldnn(), *self.args, hint)
         self.register_buffer("bias", None if bias is None else bias.detach())
-        self.act, self.scalars = FUSED_ACTS[type(act)](act)
+        self.act, self.scalars = fused_activation(act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._convolution_pointwise(x, self.weight, self.bias, *self.args,
@@ -208,6 +212,7 @@ class PackedConv(torch.nn.Module):
 
 
 def pack_conv(conv: torch.nn.Conv2d, act: torch.nn.Module) -> PackedConv:
+    """`conv` followed by `act` (an activation fused_activation knows) as one PackedConv."""
     return PackedConv(conv.weight, conv.bias, act, conv.padding, conv.stride, conv.dilation, conv.groups)
 
 
@@ -216,8 +221,8 @@ def pack_convs(model: torch.nn.Module) -> None:
     each deformable conv's 1x1 conv over its columns packed too."""
     fp32 = lambda m: m.weight.dtype == torch.float32                  # noqa: E731
     for block in list(model.modules()):
-        if isinstance(getattr(block, "bn", None), torch.nn.Identity) and type(block.act) in FUSED_ACTS \
-                and type(block.conv) is torch.nn.Conv2d and fp32(block.conv):  # a folded ConvBN
+        if isinstance(block, ConvBN) and isinstance(block.bn, torch.nn.Identity) and fp32(block.conv) \
+                and fused_activation(block.act) is not None:            # a folded ConvBN
             block.conv, block.act = pack_conv(block.conv, block.act), torch.nn.Identity()
         if isinstance(block, DeformConv2d) and fp32(block):
             block.project = PackedConv(columns_weight(block.weight), block.bias, torch.nn.Identity())

@@ -62,7 +62,9 @@ def deform_conv2d(x: torch.Tensor, offset: torch.Tensor, weight: torch.Tensor,
     table = x.permute(0, 2, 3, 1).reshape(B * H * W * groups, C // groups)  # row (b, y, x, g)
     if project is None:
         w = columns_weight(weight)                                         # (C_out, k*k*C, 1, 1)
-        project = lambda cols: F.conv2d(cols, w, bias, dilation=2 if x.is_cpu else 1)  # noqa: E731
+
+        def project(cols):                                                 # (B, C_out, band, W)
+            return F.conv2d(cols, w, bias, dilation=2 if x.is_cpu else 1)
     band, out = max(1, (16 << 20) // (W * taps * C * x.element_size())), []
     for y in range(0, H, band):
         cols = GatherCorners.apply(rows[:, y:y + band].reshape(-1, 4), table,

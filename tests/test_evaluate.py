@@ -2,6 +2,7 @@
 brute-force NMS, hand-computed APs and pixel colours, and a single process vs 2 gloo ranks."""
 
 import contextlib
+import copy
 import io
 import json
 import math
@@ -666,7 +667,7 @@ def test_user_errors_end_in_one_line_and_status_2(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# prepare_for_inference: folded, NHWC, in-place activations - the released model's outputs
+# prepare_for_inference: folded, NHWC, packed, in-place activations - the released model's outputs
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("pack", [True, False])
 @pytest.mark.parametrize("variant", ["baseline", "asff", "asff-rfb"])
@@ -727,10 +728,10 @@ def test_a_packed_conv_is_the_conv_and_its_activation_in_float64(k, stride, dila
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(24, 40, k, stride, padding=(k - 1) // 2, dilation=dilation, bias=bias)
     packed = ev.pack_conv(conv, act)
+    exact = copy.deepcopy(conv).double()
     for shape in [(1, 24, 13, 13), (3, 24, 20, 17)]:
         x = torch.randn(shape)
-        want = act(conv.double()(x.double())).float()
-        conv.float()
+        want = act(exact(x.double())).float()
         for layout in (torch.contiguous_format, torch.channels_last):
             got = packed(x.contiguous(memory_format=layout))
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
