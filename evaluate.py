@@ -153,9 +153,9 @@ def prepare_for_inference(model: Detector, fold: bool = True, channels_last: boo
     it): eval mode; each BatchNorm folded into its conv (ConvBN.fuse_bn: the same function up to
     float rounding) and the activations made in-place (each acts on a conv's fresh output);
     NHWC ("channels_last") tensors, which oneDNN convolutions on CPUs and tensor cores on GPUs
-    run without layout reorders; on a CPU, each conv's weight packed once for oneDNN with its
-    activation inside the same call (PackedConv; pack=False, or no oneDNN: 1x1 convs dilated
-    instead, the same conv run by oneDNN); torch.compile when asked (inductor; on a CPU it needs
+    run without layout reorders; on a CPU, each conv's weight packed for oneDNN (once per input
+    shape) with its activation inside the same call (PackedConv; pack=False, or no oneDNN: 1x1
+    convs dilated instead, the same conv run by oneDNN); torch.compile when asked (inductor; on a CPU it needs
     a C++ compiler). Unless in_place, on a deep copy: a model in training (train.py's) stays as
     it is. The result is for inference only: no gradients, and not for saving (export: pack off)."""
     model = model if in_place else copy.deepcopy(model)
@@ -188,26 +188,43 @@ def fused_activation(act: torch.nn.Module) -> tuple[str, list] | None:
 
 
 class PackedConv(torch.nn.Module):
-    """A CPU conv (and the activation after it) as one oneDNN call on a weight packed once.
+    """A CPU conv (and the activation after it) as one oneDNN call on a weight packed ahead.
 
     Eager PyTorch hands oneDNN the weight in PyTorch's layout at every call, and oneDNN first
     reorders it into its blocked layout: for the stride-32 3x3 convs (1024 x 512 x 3 x 3, 19 MB)
-    that copy costs about as much as the conv itself at 416. Here the reorder happens once, here,
-    and the activation runs in the same pass over the output. These are the ops torch.compile's
-    CPU backend emits (torch.ops.mkldnn); the sums are the same, the outputs equal to rounding."""
+    that copy costs about as much as the conv itself at 416. Here the reorder happens once per
+    input shape, and the activation runs in the same pass over the output. These are the ops
+    torch.compile's CPU backend emits (torch.ops.mkldnn); the sums are the same, the outputs
+    equal to rounding.
+
+    Which blocked layout oneDNN wants depends on the CPU and on the input's shape (on AVX2 its
+    kernels block the weight by 16, 24 or 32 output channels as the map's width suits). A weight
+    packed for another shape is re-laid-out at every call by a slow generic reorder, so each
+    input shape gets its own packing, made at its first call: the last SHAPES_KEPT are kept."""
+
+    SHAPES_KEPT = 2            # evaluation runs one size; the speed benchmark alternates two
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, act: torch.nn.Module,
                  padding=(0, 0), stride=(1, 1), dilation=(1, 1), groups: int = 1):
         super().__init__()
         self.args = (list(padding), list(stride), list(dilation), groups)
-        hint = [1, weight.shape[1] * groups, 64, 64]   # the input size oneDNN picks its layout for
-        self.weight = torch._C._nn.mkldnn_reorder_conv2d_weight(      # opaque, not a Parameter
-            weight.detach().contiguous().to_mkldnn(), *self.args, hint)
+        self.register_buffer("weight", weight.detach().contiguous())   # PyTorch's layout
         self.register_buffer("bias", None if bias is None else bias.detach())
+        self.packed = {}                   # input shape -> the weight in oneDNN's layout for it
         self.act, self.scalars = fused_activation(act)
 
+    def packed_for(self, shape: tuple[int, ...]) -> torch.Tensor:
+        """The weight packed (opaque oneDNN tensor, no gradient) for inputs of `shape`."""
+        if shape not in self.packed:
+            while len(self.packed) >= self.SHAPES_KEPT:
+                self.packed.pop(next(iter(self.packed)))                  # the oldest shape
+            self.packed[shape] = torch._C._nn.mkldnn_reorder_conv2d_weight(
+                self.weight.to_mkldnn(), *self.args, list(shape))
+        return self.packed[shape]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._convolution_pointwise(x, self.weight, self.bias, *self.args,
+        weight = self.packed_for(tuple(x.shape))
+        return torch.ops.mkldnn._convolution_pointwise(x, weight, self.bias, *self.args,
                                                        self.act, self.scalars, "")  # (B, C_out, H', W')
 
 

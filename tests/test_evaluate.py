@@ -721,20 +721,22 @@ def test_prepare_leaves_a_training_model_alone_and_compile_needs_a_compiler(monk
     (3, 1, 1, False, torch.nn.LeakyReLU(0.1)), (3, 2, 1, True, torch.nn.ReLU()),
     (1, 1, 2, True, torch.nn.Identity()), (1, 1, 1, False, torch.nn.LeakyReLU(0.25))])
 def test_a_packed_conv_is_the_conv_and_its_activation_in_float64(k, stride, dilation, bias, act):
-    """PackedConv (weight reordered once, activation fused) against the float64 conv + activation,
-    on NCHW and NHWC inputs of other batch sizes and shapes than its layout hint (64 x 64)."""
+    """PackedConv (weight reordered once per input shape, activation fused) against the float64
+    conv + activation, on NCHW and NHWC inputs of three shapes, the first again after the
+    others pushed its packing out (SHAPES_KEPT = 2): it is packed afresh, and right."""
     if not ev.can_pack(torch.device("cpu")):
         pytest.skip("this PyTorch has no oneDNN: prepare_for_inference packs nothing")
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(24, 40, k, stride, padding=(k - 1) // 2, dilation=dilation, bias=bias)
     packed = ev.pack_conv(conv, act)
     exact = copy.deepcopy(conv).double()
-    for shape in [(1, 24, 13, 13), (3, 24, 20, 17)]:
+    for shape in [(1, 24, 13, 13), (3, 24, 20, 17), (2, 24, 9, 31), (1, 24, 13, 13)]:
         x = torch.randn(shape)
         want = act(exact(x.double())).float()
         for layout in (torch.contiguous_format, torch.channels_last):
             got = packed(x.contiguous(memory_format=layout))
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert list(packed.packed)[-1] == shape and len(packed.packed) <= packed.SHAPES_KEPT
 
 
 def test_prepare_packs_only_float32_cpu_convs_and_the_deformable_projection():

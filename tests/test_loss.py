@@ -20,6 +20,7 @@ GRAD_NAMES = {  # released parameter -> ours (the golden README's gradient list)
        for theirs, ours in (("guide_wh", "guide"), ("conv_offset", "offset"), ("conv", "pred"))},
     **{f"fusion_s{s}.weight_levels.bias": f"fusion.s{s}.weight_logits.bias" for s in STRIDES},
 }
+FREE_IOU_ATOL = 2 * (1e-4 + 1e-4 * 3.1)   # two log-shapes, each within the raw outputs' bound
 TIGHT_GRADS = ("head_s32.conv.bias", "head_s16.conv.bias", "head_s8.conv.bias",
                "head_s32.guide_wh.bias", "head_s16.guide_wh.bias", "head_s8.guide_wh.bias")
 
@@ -254,7 +255,7 @@ def golden_pass(variant):
     lists and the detached raw outputs (the 80-million-weight model itself is not kept)."""
     ref = golden_reference(variant)
     targets = [t[t[:, :5].sum(dim=1) > 0] for t in ref["targets"]]
-    # the fixtures' thread count: 1 thread moves the free-slot IoUs by ~1e-5, the README's bound
+    # the fixtures' thread count (their bit-exact setting; other CPUs still round differently)
     with torch_threads(ref["settings"]["num_threads"]):
         model = golden_model(variant).train()
         outputs = model(ref["input"])
@@ -288,7 +289,14 @@ def test_golden_assignment_and_ignore_masks(variant):
     assert table.shape == expected.shape
     exact = [0, 1, 2, 3, 4, 5, 6, 7, 10]
     assert torch.equal(table[:, exact], expected[:, exact])
-    torch.testing.assert_close(table[:, 8:10], expected[:, 8:10], rtol=0, atol=1e-5)
+    # best IoU: the GT shape against the 9 fixed anchors, float32 arithmetic on the targets only
+    torch.testing.assert_close(table[:, 8], expected[:, 8], rtol=0, atol=1e-6)
+    # free-slot IoU: against the predicted shape A * exp(g), so it inherits the forward's
+    # rounding, which differs between CPUs (AVX2 and AVX-512 kernels sum in different orders).
+    # A shape IoU moves by at most |d gw| + |d gh| (d IoU / d log w lies in [-1, 1]), and the raw
+    # outputs are held to atol 1e-4 + rtol 1e-4 (test_head's golden bound; |g| <= 3.1 in the
+    # fixtures). Seen: up to 7.6e-5 on an AVX2 CPU, where the old 1e-5 failed.
+    torch.testing.assert_close(table[:, 9], expected[:, 9], rtol=0, atol=FREE_IOU_ATOL)
     assert (table[:, 7] == loss.FREE_SLOT).any()                    # takeovers are exercised
     for s, level in levels_of(model, outputs).items():
         mask = loss.ignore_mask(level, gt, 0.7)
