@@ -487,11 +487,12 @@ def conv_roofline(device: torch.device, repeats: int = 5) -> float:
     return 2 * 9 * 256 * 256 * 104 * 104 / (ms / 1000) / 1e9
 
 
-def training_step(head_module, loss_module, fusion, channels_last: bool, size: int, batch: int):
-    """A closure running one SGD step (forward, compute_loss, backward, step) of a full-size
-    Detector of `head_module` on random images and boxes."""
+def training_step(head_module, loss_module, fusion, channels_last: bool, size: int, batch: int,
+                  width: float = 1.0, depth: float = 1.0):
+    """A closure running one SGD step (forward, compute_loss, backward, step) of a Detector of
+    `head_module` (full size unless width / depth say otherwise) on random images and boxes."""
     torch.manual_seed(0)
-    model = head_module.Detector(80, fusion=fusion).train()
+    model = head_module.Detector(80, fusion=fusion, width=width, depth=depth).train()
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-6, momentum=0.9)
@@ -510,20 +511,22 @@ def training_step(head_module, loss_module, fusion, channels_last: bool, size: i
 
 
 def against_benchmark(reference: str, sizes=(416, 608), runs: int = 5, train_size: int = 416,
-                      train_batch: int = 2, train_runs: int = 5) -> tuple[str, dict]:
+                      train_batch: int = 2, train_runs: int = 5, width: float = 1.0,
+                      depth: float = 1.0) -> tuple[str, dict]:
     """Ours (evaluate.prepare_for_inference; training in NHWC as train.py runs it) against the
     checkout at `reference` as it ran (its plain eval forward; its training step), rounds
-    interleaved; FLOPs and the fraction of the measured conv roofline."""
+    interleaved; FLOPs and the fraction of the measured conv roofline. width / depth below 1
+    shrink both sides' models (a quick look; the figures to quote are at full size)."""
     import head
     ref = import_checkout(reference)
     dev = torch.device("cpu")
-    models = {}
+    models, size = {}, dict(width=width, depth=depth)
     for name, fusion in (("asff", "asff"), ("baseline", None)):
         torch.manual_seed(0)
-        models[("ours", name)] = evaluate.prepare_for_inference(head.Detector(80, fusion=fusion))
+        models[("ours", name)] = evaluate.prepare_for_inference(head.Detector(80, fusion=fusion, **size))
         torch.manual_seed(0)
-        models[("ref", name)] = ref["head"].Detector(80, fusion=fusion).eval()
-    flops = {(n, s): head.count_flops(head.Detector(80, fusion=f), s) / 1e9
+        models[("ref", name)] = ref["head"].Detector(80, fusion=fusion, **size).eval()
+    flops = {(n, s): head.count_flops(head.Detector(80, fusion=f, **size), s) / 1e9
              for n, f in (("asff", "asff"), ("baseline", None)) for s in sizes}
     roof = conv_roofline(dev)
     times = {}
@@ -536,7 +539,8 @@ def against_benchmark(reference: str, sizes=(416, 608), runs: int = 5, train_siz
                     if r:
                         times.setdefault((*key, s), []).append(ms)
     steps = {k: training_step(ref["head"] if k == "ref" else head, ref["loss"] if k == "ref" else loss,
-                              "asff", k == "ours", train_size, train_batch) for k in ("ours", "ref")}
+                              "asff", k == "ours", train_size, train_batch, **size)
+             for k in ("ours", "ref")}
     for r in range(train_runs + 1):
         for key, step in steps.items():
             ms = timed_ms(step, dev)[0]
@@ -604,7 +608,7 @@ def run_speed(args, rest) -> dict:
 def run_against(args, rest) -> dict:
     print(f"ours vs {args.reference}, cpu, {torch.get_num_threads()} threads", flush=True)
     table, summary = against_benchmark(args.reference, args.sizes, args.runs, args.train_size,
-                                       args.train_batch, args.train_runs)
+                                       args.train_batch, args.train_runs, args.width, args.depth)
     print(table)
     return summary
 
@@ -655,6 +659,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-runs", type=int, default=5)
     p.add_argument("--train-size", type=int, default=416)
     p.add_argument("--train-batch", type=int, default=2)
+    p.add_argument("--width", type=float, default=1.0, help="channel multiplier of both models")
+    p.add_argument("--depth", type=float, default=1.0, help="depth multiplier of both models")
     p.set_defaults(run=run_against)
 
     for name in ("loss", "speed", "against"):

@@ -10,6 +10,7 @@ import os
 import socket
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -651,19 +652,23 @@ def run_script(tmp_path, *argv):
 
 def test_user_errors_end_in_one_line_and_status_2(tmp_path):
     (tmp_path / "notes.pt").write_text("not a checkpoint\n")
-    for argv, message in ((["--data", str(tmp_path / "coco")], "no such folder"),
-                          (["--weights", "notes.pt"], "notes.pt: not a checkpoint"),
-                          (["--size", "200"], "--size 200: the test size must be a multiple of 32"),
-                          (["--size", "64", "--nms", "1.5"], "--nms 1.5: out of range"),
-                          (["--device", "gpu0"], "--device gpu0: not a torch device")):
-        done = run_script(tmp_path, *argv)
+    cases = ((["--data", str(tmp_path / "coco")], "no such folder"),
+             (["--weights", "notes.pt"], "notes.pt: not a checkpoint"),
+             (["--size", "200"], "--size 200: the test size must be a multiple of 32"),
+             (["--size", "64", "--nms", "1.5"], "--nms 1.5: out of range"),
+             (["--device", "gpu0"], "--device gpu0: not a torch device"),
+             (["--size", "200", "--debug"], "Traceback"))
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:    # the runs side by side
+        runs = list(pool.map(lambda case: run_script(tmp_path, *case[0]), cases))
+    for (argv, message), done in zip(cases, runs, strict=True):
+        if "--debug" in argv:
+            assert done.returncode == 1 and message in done.stderr and "UserError" in done.stderr
+            continue
         assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
         (line,) = done.stderr.strip().splitlines()
         assert message in line and line.startswith("error: ")
         if "--data" in argv:
             assert "--images" in line and "--ann" in line   # how a custom set is given instead
-    debug = run_script(tmp_path, "--size", "200", "--debug")
-    assert debug.returncode == 1 and "Traceback" in debug.stderr and "UserError" in debug.stderr
 
 
 # ---------------------------------------------------------------------------------------------

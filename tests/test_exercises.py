@@ -3,10 +3,12 @@ is a stub that raises or returns zeros (conftest.py installs the stub in a fresh
 the start / check / solution cycle of tests/exercise.py hides and restores the reference exactly.
 With the reference in place the same tests pass: they are part of this suite."""
 
+import functools
 import os
 import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,7 @@ import pytest
 from exercise import EXERCISES, function_span
 
 REPO = Path(__file__).resolve().parents[1]
+STUBS = ("raise", "zeros")
 
 
 def grade(tests: list[str], cwd: Path, stub: str | None = None) -> subprocess.CompletedProcess:
@@ -33,10 +36,19 @@ def test_there_are_at_least_six_exercises_on_distinct_functions():
         assert last >= first, name                    # the body to hide exists
 
 
-@pytest.mark.parametrize("kind", ["raise", "zeros"])
+@functools.cache
+def graded_with_stubs() -> dict:
+    """Every exercise's grading run under each stub, started at once and run as many at a time
+    as there are cores (each run is one process on one thread): {(name, kind): Future}."""
+    pool = ThreadPoolExecutor(max_workers=min(os.cpu_count() or 1, 4))
+    return {(name, kind): pool.submit(grade, EXERCISES[name][2], REPO, f"{name}:{kind}")
+            for name in EXERCISES for kind in STUBS}
+
+
+@pytest.mark.parametrize("kind", STUBS)
 @pytest.mark.parametrize("name", list(EXERCISES))
 def test_grading_tests_fail_on_a_stub(name, kind):
-    done = grade(EXERCISES[name][2], REPO, f"{name}:{kind}")
+    done = graded_with_stubs()[(name, kind)].result()
     # exit code 1: tests ran and failed (2 would be a collection error, 5 nothing collected)
     assert done.returncode == 1, done.stdout[-2000:] + done.stderr[-2000:]
     assert "FAILURES" in done.stdout and "Error" in done.stdout

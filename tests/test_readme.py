@@ -52,8 +52,8 @@ BENCH = {   # tests/bench.py: the flags that shorten each subcommand, and a key 
               "images_per_s"),
     "speed": (TINY + ["--runs", "1", "--warmup", "0", "--speed-sizes", "64", "--threads", "1"],
               "asff_overhead_64"),
-    "against": (["--sizes", "64", "--runs", "1", "--train-runs", "1", "--train-size", "64",
-                 "--threads", "1"], "train_step_ratio"),
+    "against": (TINY + ["--sizes", "64", "--runs", "1", "--train-runs", "1", "--train-size", "64",
+                        "--threads", "1"], "train_step_ratio"),
 }
 
 
