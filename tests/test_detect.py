@@ -126,6 +126,16 @@ def test_boxes_are_drawn_in_proportion_to_the_image():
     assert hidden.getbbox() is None                            # under --conf: not drawn
 
 
+def assert_close_folded(folded: torch.Tensor, eager: torch.Tensor) -> None:
+    """Decoded rows of a BN-folded model against the unfolded one. Folding moves the raw outputs
+    by rounding only (held to 1e-3 here); w and h are exp(tw + gw) * A, so they are compared as
+    logs, where the two raw terms' errors add (2e-3): as values, an untrained model's boxes run
+    into the millions of pixels and the same rounding shows as thousands."""
+    rest = [0, 1, *range(4, eager.shape[-1])]
+    torch.testing.assert_close(folded[..., rest], eager[..., rest], atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(folded[..., 2:4].log(), eager[..., 2:4].log(), atol=2e-3, rtol=0)
+
+
 def test_export_gives_the_eager_models_outputs(tmp_path):
     model = tiny_model()
     path = tmp_path / "model.pt2"
@@ -137,7 +147,7 @@ def test_export_gives_the_eager_models_outputs(tmp_path):
         x = torch.randn(batch, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(batch))
         with torch.no_grad():
             torch.testing.assert_close(program(x), prepared(x), atol=1e-5, rtol=1e-5)
-            torch.testing.assert_close(program(x), model(x), atol=1e-3, rtol=1e-3)  # BN folded
+            assert_close_folded(program(x), model(x))
 
 
 def test_checkpoint_size_and_class_names_reach_detect_and_show(tmp_path, monkeypatch):
