@@ -3,7 +3,6 @@ is a stub that raises or returns zeros (conftest.py installs the stub in a fresh
 the start / check / solution cycle of tests/exercise.py hides and restores the reference exactly.
 With the reference in place the same tests pass: they are part of this suite."""
 
-import functools
 import os
 import shutil
 import subprocess
@@ -36,19 +35,23 @@ def test_there_are_at_least_six_exercises_on_distinct_functions():
         assert last >= first, name                    # the body to hide exists
 
 
-@functools.cache
-def graded_with_stubs() -> dict:
-    """Every exercise's grading run under each stub, started at once and run as many at a time
-    as there are cores (each run is one process on one thread): {(name, kind): Future}."""
+@pytest.fixture(scope="module")
+def graded_with_stubs(request) -> dict:
+    """The grading runs of the stub tests this session selected, all started at once and run
+    as many at a time as there are cores (each is one process on one thread):
+    {(name, kind): Future of its CompletedProcess}."""
+    wanted = [item.callspec.params for item in request.session.items
+              if getattr(item, "originalname", None) == "test_grading_tests_fail_on_a_stub"]
     pool = ThreadPoolExecutor(max_workers=min(os.cpu_count() or 1, 4))
-    return {(name, kind): pool.submit(grade, EXERCISES[name][2], REPO, f"{name}:{kind}")
-            for name in EXERCISES for kind in STUBS}
+    yield {(p["name"], p["kind"]): pool.submit(grade, EXERCISES[p["name"]][2], REPO,
+                                               f"{p['name']}:{p['kind']}") for p in wanted}
+    pool.shutdown(cancel_futures=True)
 
 
 @pytest.mark.parametrize("kind", STUBS)
 @pytest.mark.parametrize("name", list(EXERCISES))
-def test_grading_tests_fail_on_a_stub(name, kind):
-    done = graded_with_stubs()[(name, kind)].result()
+def test_grading_tests_fail_on_a_stub(name, kind, graded_with_stubs):
+    done = graded_with_stubs[(name, kind)].result()
     # exit code 1: tests ran and failed (2 would be a collection error, 5 nothing collected)
     assert done.returncode == 1, done.stdout[-2000:] + done.stderr[-2000:]
     assert "FAILURES" in done.stdout and "Error" in done.stdout
