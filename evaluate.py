@@ -156,8 +156,9 @@ def prepare_for_inference(model: Detector, fold: bool = True, channels_last: boo
     run without layout reorders; on a CPU, each conv's weight packed for oneDNN (once per input
     shape) with its activation inside the same call (PackedConv; pack=False, or no oneDNN: 1x1
     convs dilated instead, the same conv run by oneDNN); torch.compile when asked (inductor; on
-    a CPU it needs a C++ compiler). Unless in_place, on a deep copy: a model in training (train.py's) stays as
-    it is. The result is for inference only: no gradients, and not for saving (export: pack off)."""
+    a CPU it needs a C++ compiler). Unless in_place, on a deep copy: a model in training
+    (train.py's) stays as it is. The result is for inference only: no gradients, and not for
+    saving (export: pack off)."""
     model = model if in_place else copy.deepcopy(model)
     model.eval()
     if fold and hasattr(model, "fuse_conv_bn"):           # a Detector (tests pass stand-ins)

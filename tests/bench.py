@@ -520,13 +520,13 @@ def against_benchmark(reference: str, sizes=(416, 608), runs: int = 5, train_siz
     import head
     ref = import_checkout(reference)
     dev = torch.device("cpu")
-    models, size = {}, dict(width=width, depth=depth)
+    models, scale = {}, dict(width=width, depth=depth)
     for name, fusion in (("asff", "asff"), ("baseline", None)):
         torch.manual_seed(0)
-        models[("ours", name)] = evaluate.prepare_for_inference(head.Detector(80, fusion=fusion, **size))
+        models[("ours", name)] = evaluate.prepare_for_inference(head.Detector(80, fusion=fusion, **scale))
         torch.manual_seed(0)
-        models[("ref", name)] = ref["head"].Detector(80, fusion=fusion, **size).eval()
-    flops = {(n, s): head.count_flops(head.Detector(80, fusion=f, **size), s) / 1e9
+        models[("ref", name)] = ref["head"].Detector(80, fusion=fusion, **scale).eval()
+    flops = {(n, s): head.count_flops(head.Detector(80, fusion=f, **scale), s) / 1e9
              for n, f in (("asff", "asff"), ("baseline", None)) for s in sizes}
     roof = conv_roofline(dev)
     times = {}
@@ -539,7 +539,7 @@ def against_benchmark(reference: str, sizes=(416, 608), runs: int = 5, train_siz
                     if r:
                         times.setdefault((*key, s), []).append(ms)
     steps = {k: training_step(ref["head"] if k == "ref" else head, ref["loss"] if k == "ref" else loss,
-                              "asff", k == "ours", train_size, train_batch, **size)
+                              "asff", k == "ours", train_size, train_batch, **scale)
              for k in ("ours", "ref")}
     for r in range(train_runs + 1):
         for key, step in steps.items():
