@@ -1,46 +1,34 @@
-"""Data: mixup (paper Sec. 3.1, bag of freebies), random input shapes (Sec. 3.4) and the released
+"""Data - paper Sec. 3.1 (mixup, a freebie) and Sec. 3.4 (random input shapes), with the release's
 augmentation, over COCO-format sets or a built-in synthetic one.
 
-One box layout from reading through augmentation and mixup: float32 rows (N, 6) [x1, y1, x2, y2,
-class, mix] in pixels (COCO's continuous x + w; mix is 1 but in mixup). collate converts them once,
-to what the loss reads: (N, 6) [class, cx, cy, w, h, mix] (loss_targets).
-
-    CocoDetection(image_dir, ann_file, include_crowd=False, require_annotations=True): .cat_ids
-        (class k <-> cat_ids[k]), .class_names, .ids, .coco (pycocotools, over the boxes kept),
-        .skipped; load_image(i) -> (uint8 (H, W, 3) RGB, image id); load_targets(i) -> rows
-    make_synthetic(root=None, n_train=1024, n_val=64, image_size=192, seed=0) -> dict of paths
-    TrainDataset(data, size=608, seed=0, mixup=True, augment=True, min_size=6.0)[i] -> (uint8
-        (3, size, size), rows in input pixels); set .set_epoch(e) and .mixup before an epoch's
-        DataLoader iterator starts (its workers copy the set; no persistent_workers)
-    collate(batch) -> (float (B, 3, S, S) normalised, B x (N_i, 6) loss targets)
-    random_size(seed, iteration) -> one of 320, 352, ..., 608, redrawn every 10 iterations
-    resize_batch(images, targets, size); normalize(image, size): evaluation's plain resize
-
-Per sample, as released (docs/released-code.md, augmentation): mixup; colour (brightness,
-contrast, hue, saturation); zoom out; SSD crop; flip; small affine; resize to the square. Sample i
-of epoch e draws from Generator(SeedSequence([seed, e, i])), whatever the worker. All draws come
-first, from boxes and image sizes alone; then the pixels: a JPEG decoded at the coarsest DCT
-scale that still covers the output, mixup and colour only where the crop keeps, one warp by the
-product of the geometric steps' matrices. Departures: the affine shift takes x from the width (the
-release: the height); saturation computed in RGB; nearest or bilinear resampling (the release:
-one of five OpenCV methods); crowd boxes left out unless include_crowd; targets not padded to 50
-rows; samples made at the largest size, the batch resized to the drawn one (resize_batch).
-`python data.py` draws augmented samples; `python data.py --check --images DIR --ann FILE`
-checks a data set as training reads it. Bad input: README.md, "Data: formats and bad input".
+Boxes are float32 rows (N, 6) [x1, y1, x2, y2, class, mix] in pixels (mix: 1 but in mixup) until
+collate turns them into the loss's (N, 6) [class, cx, cy, w, h, mix].
+    CocoDetection(image_dir, ann_file) -> .coco (pycocotools), .cat_ids, .class_names; load_image(i)
+        -> (uint8 (H, W, 3), image id); load_targets(i) -> rows. make_synthetic() -> paths
+    TrainDataset(data, size)[i] -> (uint8 (3, size, size), rows); collate(batch) -> (float (B, 3,
+        S, S), targets), or on the device: to_input(*stack_batch(batch), size); random_size(seed,
+        iteration) -> S; resize_batch(images, targets, size)
+Per sample, as released (docs/released-code.md; not in the paper): mixup, colour, zoom out, SSD
+crop, flip, small affine, resize; sample i of epoch e draws from the stream [seed, e, i]. All draws
+come first, then the pixels: a JPEG decoded at the coarsest DCT scale that covers the output, mixup
+and colour only where the crop keeps, one warp. Departures: the affine shift takes x from the width
+(the release: the height); saturation in RGB; nearest or bilinear resampling (the release: 5 OpenCV
+methods); crowd boxes left out unless asked; targets not padded to 50 rows; samples made at the
+largest size, the batch resized. `python data.py` draws samples, `--check --images DIR --ann FILE`
+checks a set (bad input: docs/data.md).
 """
 
 import argparse
 import contextlib
 import hashlib
-import io
 import json
 import math
+import multiprocessing
 import os
 import shutil
 import signal
 import sys
 import tempfile
-import textwrap
 import warnings
 from pathlib import Path
 from typing import NamedTuple
@@ -51,105 +39,103 @@ import torch.nn.functional as F
 from PIL import Image, ImageChops, ImageDraw, ImageOps
 from pycocotools.coco import COCO
 
+from loss import box_iou
+
 MEAN = (0.485, 0.456, 0.406)  # ImageNet, RGB
 STD = (0.229, 0.224, 0.225)
 FILL = tuple(round(255 * m) for m in MEAN)  # (124, 116, 104): zoom-out, affine border (released)
 SIZES = tuple(range(320, 609, 32))  # Sec. 3.4 random shapes {320, 352, ..., 608}
 
-
-# ----------------------------------------------------------------------------------------------
-# Plumbing: errors, and reading COCO-format files, checked entry by entry before pycocotools sees
-# them (it trusts every key and number: a bare KeyError, or a silently wrong AP)
-
+# --- Plumbing: errors, and the scripts' way out
 class UserError(Exception):
-    """A mistake in what the user gave (data, files, flags), not in the code: the scripts print
-    its message as one line and exit with status 2 (ASFF_DEBUG=1 shows the traceback too)."""
-
+    """A mistake in what the user gave (data, files, flags): one line, exit status 2 (exit_on_user_error)."""
 
 class DataError(UserError, ValueError):
     """A problem with the data; the message names the file and the entry."""
 
-
 def exit_on_user_error(main, argv: list[str] | None = None):
-    """Run a script's main(argv); a UserError ends it with one line on stderr and status 2."""
+    """Run a script's main(argv); a UserError ends it with one line on stderr and status 2. Any error
+    kills the loader workers left: they ignore SIGTERM, which Python's exit sends, then waits forever."""
     try:
         return main(argv)
-    except UserError as e:
-        if os.environ.get("ASFF_DEBUG"):
+    except BaseException as e:
+        if not (isinstance(e, SystemExit) and e.code in (None, 0)):
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's handler would report the kills
+            for worker in multiprocessing.active_children():
+                worker.kill()  # SIGKILL: cannot be ignored
+        if not isinstance(e, UserError) or os.environ.get("ASFF_DEBUG"):
             raise
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
 
-
+# --- Plumbing: COCO-format files, checked in one pass over their lists and keys before
+# pycocotools sees them (it trusts every key and number: a bare KeyError, or a silently wrong AP)
 _number = lambda v: type(v) in (int, float) and abs(v) < 1e30  # finite (NaN fails); true is none
 INTEGER = (lambda v: type(v) is int and -(2**63) <= v < 2**63, "an integer")  # numpy's int64
 TEXT = (lambda v: type(v) is str and v.strip() != "", "a non-empty string")
 SIDE = (lambda v: type(v) in (int, float) and 0 < v < 2**31 and v == int(v), "a whole number of pixels > 0")
-FIELDS = {  # the keys each entry of each list needs: (test, what the value must be)
+FIELDS = {  # each list's keys: (test, what the value must be); "?": may be left out
     "images": {"id": INTEGER, "file_name": TEXT, "width": SIDE, "height": SIDE},
     "categories": {"id": INTEGER, "name": TEXT},
     "annotations": {"id": INTEGER, "image_id": INTEGER, "category_id": INTEGER, "bbox": (
-        lambda v: type(v) is list and len(v) == 4 and all(map(_number, v)), "4 finite numbers [x, y, w, h]")}}
-OPTIONAL = {"iscrowd": (lambda v: type(v) in (int, float) and v in (0, 1), "0 or 1"),  # annotations'
-            "area": (_number, "a finite number")}  # and >= 0 if the box is kept
-TYPES = {dict: "an object", list: "a list", str: "a string", int: "a number", float: "a number",
-         bool: "true/false", type(None): "null"}
+        lambda v: type(v) is list and len(v) == 4 and all(map(_number, v)), "4 finite numbers [x, y, w, h]"),
+        "iscrowd?": (lambda v: type(v) in (int, float) and v in (0, 1), "0 or 1"),
+        "area?": (_number, "a finite number")}}  # and >= 0 where the box is kept (kept_boxes)
+UNIQUE = {"images": ("id",), "categories": ("id", "name"), "annotations": ("id",)}
+LINKS = {"image_id": "images", "category_id": "categories"}  # what an annotation refers to
+TYPES = {dict: "an object", list: "a list", str: "a string"}  # the rest _shown shows as they are
 SKIPS = ("zero or negative width/height, skipped", "outside the image, skipped",
          "partly outside the image, clipped")
-
 
 def _shown(value) -> str:
     """A value as the file has it (null, true, "640", NaN), cut to 60 characters."""
     try:
         text = json.dumps(value)
     except RecursionError:  # nested deeper than json.dumps goes: its type only
-        text = TYPES[type(value)]
+        text = TYPES[type(value)] + " nested too deeply to show"
     return text if len(text) <= 60 else text[:56] + " ..."
 
+def check_entries(ann_file: str, data: dict) -> None:
+    """Each entry of each list an object with its FIELDS, ids unique (category names too), an
+    annotation's image and category known; else DataError 'file: annotations[12] (id 7): problem'."""
+    seen = {}  # (list, key) -> {value: position of its first entry}
+    for key, fields in FIELDS.items():
+        needed = ", ".join(field for field in fields if not field.endswith("?"))
+        for position, entry in enumerate(data.get(key, [])):
+            known = type(entry) is dict and INTEGER[0](entry.get("id"))  # an id to name the entry by
+            where = f"{ann_file}: {key}[{position}]" + (f" (id {entry['id']})" if known else "")
+            if type(entry) is not dict:
+                raise DataError(f"{where} is {_shown(entry)}, not an object with {needed}")
+            for field, (test, wanted) in fields.items():
+                name = field.rstrip("?")
+                if name == field and name not in entry:
+                    raise DataError(f"{where}: '{name}' is missing (each entry of '{key}' needs {needed})")
+                if name in entry and not test(entry[name]):
+                    raise DataError(f"{where}: '{name}' is {_shown(entry[name])}, not {wanted}")
+            for name in UNIQUE[key]:
+                first = seen.setdefault((key, name), {}).setdefault(entry[name], position)
+                if first != position:
+                    raise DataError(f"{where}: duplicate {name} {_shown(entry[name])}, also {key}[{first}]'s")
+            for name, other in LINKS.items() if key == "annotations" else ():
+                if entry[name] not in seen[other, "id"]:
+                    raise DataError(f"{where}: {name} {entry[name]} is not in '{other}'")
 
-def _where(ann_file: str, key: str, position: int, entry) -> str:
-    """'file: annotations[12] (id 7)', with the id when it is a usable one."""
-    known = type(entry) is dict and INTEGER[0](entry.get("id"))
-    return f"{ann_file}: {key}[{position}]" + (f" (id {entry['id']})" if known else "")
-
-
-def _check_entries(ann_file: str, key: str, entries: list) -> dict:
-    """Each entry an object with its FIELDS (OPTIONAL ones right where given), ids unique and
-    category names too -> {id: entry}."""
-    needed, seen = FIELDS[key], {"id": {}, "name": {}} if key == "categories" else {"id": {}}
-    tests, names = needed | (OPTIONAL if key == "annotations" else {}), ", ".join(needed)
-    for position, entry in enumerate(entries):
-        where = _where(ann_file, key, position, entry)
-        if type(entry) is not dict:
-            raise DataError(f"{where} is {_shown(entry)}, not an object with {names}")
-        for field, (test, wanted) in tests.items():
-            if field in needed and field not in entry:
-                raise DataError(f"{where}: '{field}' is missing (each entry of '{key}' needs {names})")
-            if field in entry and not test(entry[field]):
-                raise DataError(f"{where}: '{field}' is {_shown(entry[field])}, not {wanted}")
-        for field, first in seen.items():
-            if (k := first.setdefault(entry[field], position)) != position:
-                raise DataError(f"{where}: duplicate {field} {_shown(entry[field])}, also {key}[{k}]'s")
-    return {entry["id"]: entry for entry in entries}
-
-
-def _read_json(ann_file: str, require_annotations: bool) -> tuple[dict, dict]:
-    """A COCO-format file, checked but for what annotations refer to -> (data, {id: image})."""
+def read_coco(ann_file: str, require_annotations: bool = True) -> dict:
+    """A COCO-format file as a dict, every entry checked (check_entries); DataError if not."""
     try:
         with open(ann_file, encoding="utf-8-sig") as f:  # -sig: a byte-order mark is harmless
             text = f.read()
-        data = json.loads(text) if text.strip() else None
+        data = json.loads(text)
     except UnicodeDecodeError as e:
         raise DataError(f"{ann_file}: not UTF-8 text (byte {e.start}); COCO files are UTF-8 JSON") from e
     except OSError as e:
         raise DataError(f"{ann_file}: cannot read the annotation file ({e.strerror or e})") from e
     except (json.JSONDecodeError, RecursionError) as e:
-        raise DataError(f"{ann_file}: not valid JSON ({e})") from e
-    if not text.strip():
-        raise DataError(f"{ann_file}: the file is empty; expected COCO-format JSON")
+        raise DataError(f"{ann_file}: " + (f"not valid JSON ({e})" if text.strip() else
+                                           "the file is empty; expected COCO-format JSON")) from e
     if type(data) is not dict:
-        raise DataError(f"{ann_file}: the top level is {TYPES[type(data)]}, not an object with 'images', "
-                        "'annotations' and 'categories' lists; is this a COCO-format annotation file?")
+        raise DataError(f"{ann_file}: the top level is {TYPES.get(type(data)) or _shown(data)}, not an "
+                        "object with 'images', 'annotations' and 'categories' lists; is it COCO-format?")
     optional = not require_annotations and "annotations" not in data  # COCO test-dev's has none
     for key in ("images", "categories") + (() if optional else ("annotations",)):
         if type(data.get(key)) is not list:
@@ -157,20 +143,15 @@ def _read_json(ann_file: str, require_annotations: bool) -> tuple[dict, dict]:
             raise DataError(f"{ann_file}: no '{key}' list{found}; is this a COCO-format annotation file?")
         if not data[key] and key != "annotations":  # no objects at all is valid, if useless
             raise DataError(f"{ann_file}: the '{key}' list is empty")
-    return data, {key: _check_entries(ann_file, key, data.get(key, [])) for key in FIELDS}["images"]
+    check_entries(ann_file, data)
+    return data
 
-
-def _kept_boxes(data: dict, images: dict, cat_to_class: dict, ann_file: str, include_crowd: bool):
-    """(training rows per image, the annotations COCOeval scores against, {problem: annotation ids}).
-    A box of zero or negative size or wholly outside its image is skipped for both, one partly
-    outside clipped for both; crowd boxes are scored (COCO's ignore regions), trained on if asked."""
+def kept_boxes(ann_file: str, data: dict, cat_to_class: dict, include_crowd: bool):
+    """(training rows per image, the annotations COCOeval scores, {problem: annotation ids}): a box
+    empty or outside its image skipped, one partly outside clipped; crowd ones trained on if asked."""
+    images = {image["id"]: image for image in data["images"]}
     rows, kept, problems = {image_id: [] for image_id in images}, [], {p: [] for p in SKIPS}
     for position, ann in enumerate(data.get("annotations", [])):
-        where = _where(ann_file, "annotations", position, ann)
-        for field, known, key in (("image_id", images, "images"),
-                                  ("category_id", cat_to_class, "categories")):
-            if ann[field] not in known:
-                raise DataError(f"{where}: {field} {ann[field]} is not in '{key}'")
         (x, y, w, h), image = ann["bbox"], images[ann["image_id"]]
         x1, y1, x2, y2 = max(x, 0), max(y, 0), min(x + w, image["width"]), min(y + h, image["height"])
         problem = (SKIPS[0] if w <= 0 or h <= 0 else SKIPS[1] if x2 <= x1 or y2 <= y1 else
@@ -178,25 +159,19 @@ def _kept_boxes(data: dict, images: dict, cat_to_class: dict, ann_file: str, inc
         problems.get(problem, []).append(ann["id"])
         if problem in SKIPS[:2]:
             continue
-        box = [x1, y1, x2 - x1, y2 - y1] if problem else ann["bbox"]
-        area, crowd = ann.get("area", box[2] * box[3]), int(ann.get("iscrowd", 0))
-        if area < 0:  # COCOeval would silently ignore the box (outside every area range)
-            raise DataError(f"{where}: 'area' is {_shown(area)}, not >= 0")
-        kept.append({"id": ann["id"], "image_id": ann["image_id"], "bbox": box, "area": area,
-                     "category_id": ann["category_id"], "iscrowd": crowd})
+        box, crowd = [x1, y1, x2 - x1, y2 - y1] if problem else ann["bbox"], int(ann.get("iscrowd", 0))
+        if (area := ann.get("area", box[2] * box[3])) < 0:  # COCOeval would ignore the box, silently
+            raise DataError(f"{ann_file}: annotations[{position}] (id {ann['id']}): 'area' is {area}, "
+                            "not >= 0")
+        kept.append({"id": ann["id"], "image_id": ann["image_id"], "bbox": box, "iscrowd": crowd,
+                     "area": area, "category_id": ann["category_id"]})
         if include_crowd or not crowd:
             rows[ann["image_id"]].append((x1, y1, x2, y2, cat_to_class[ann["category_id"]], 1))
-    for problem, ids in problems.items():
-        if ids:
-            warnings.warn(f"{ann_file}: {len(ids)} box(es) {problem}; annotation ids {ids[:5]}"
-                          + (" ..." if len(ids) > 5 else ""), stacklevel=3)
     return [rows[image["id"]] for image in data["images"]], kept, problems
 
-
 def _decode(path: str, reduce: int = 1) -> tuple[Image.Image, tuple[int, int]]:
-    """(8-bit RGB at 1/reduce of the size, upright by the EXIF orientation as OpenCV's imread in the
-    release; the full upright size). A JPEG decodes at that size directly (DCT scaling, draft),
-    anything else is averaged over reduce x reduce blocks. DataError if it cannot be decoded."""
+    """(8-bit RGB at 1/reduce of the size, EXIF-upright as the release's OpenCV reads it, the full
+    upright size): a JPEG decoded at that scale (DCT scaling), others averaged. DataError if not."""
     try:
         with Image.open(path) as image:
             W, H = image.size
@@ -213,37 +188,42 @@ def _decode(path: str, reduce: int = 1) -> tuple[Image.Image, tuple[int, int]]:
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise DataError(f"{path}: cannot read the image ({e})") from e
 
-
 def open_rgb(path: str) -> Image.Image:
     """Decode an image file as 8-bit RGB, upright by its EXIF orientation; DataError if not."""
     return _decode(path)[0]
 
-
 class CocoDetection:
-    """A COCO-format detection set (COCO itself or custom), read once and checked at start-up."""
+    """A COCO-format detection set, read once and checked at start-up. Per image numpy arrays (forked
+    workers do not copy them page by page as Python objects): files, sizes (N, 2) [W, H], rows."""
 
     def __init__(self, image_dir: str, ann_file: str, include_crowd: bool = False,
                  require_annotations: bool = True):
-        data, images = _read_json(ann_file, require_annotations)
+        data = read_coco(ann_file, require_annotations)
         self.ann_file = str(ann_file)
         self.cat_ids = sorted(c["id"] for c in data["categories"])  # class k <-> cat_ids[k]
         self.cat_to_class = {cat_id: k for k, cat_id in enumerate(self.cat_ids)}
         self.class_names = [c["name"] for c in sorted(data["categories"], key=lambda c: c["id"])]
         self.ids = [image["id"] for image in data["images"]]
-        rows, kept, self.skipped = _kept_boxes(data, images, self.cat_to_class, ann_file, include_crowd)
+        rows, kept, self.skipped = kept_boxes(self.ann_file, data, self.cat_to_class, include_crowd)
+        for problem, ids in self.skipped.items():  # counted and said, with the first ids
+            if ids:
+                warnings.warn(f"{ann_file}: {len(ids)} box(es) {problem}; annotation ids {ids[:5]}"
+                              + " ..." * (len(ids) > 5), stacklevel=2)
+        if (clipped := len(self.skipped[SKIPS[2]])) > (n := len(data.get("annotations", []))) / 2:
+            warnings.warn(f"{ann_file}: {clipped} of {n} boxes reach past their image: are they [x1, y1, x2, "
+                          "y2]? A COCO bbox is [x, y, width, height]", stacklevel=2)
         self.coco = COCO()  # COCOeval scores what was kept: the file's boxes less the skipped, clipped
         self.coco.dataset = {k: v for k, v in data.items() if k != "annotations"} | (
             {"annotations": kept} if "annotations" in data else {})
-        with contextlib.redirect_stdout(io.StringIO()):  # without pycocotools' progress prints
+        with contextlib.redirect_stdout(None):  # without pycocotools' progress prints
             self.coco.createIndex()
-        # numpy arrays, not Python objects: forked workers do not copy them page by page (refcounts)
-        self._files = np.array([os.path.join(image_dir, im["file_name"]) for im in data["images"]])
-        self._sizes = np.array([(im["width"], im["height"]) for im in data["images"]], np.int64)
-        self._first = np.cumsum([0] + [len(r) for r in rows])  # image i: rows first[i]:first[i+1]
-        self._rows = np.array([row for r in rows for row in r], np.float32).reshape(-1, 6)
-        if missing := [i for i, path in enumerate(self._files) if not os.path.isfile(path)]:
+        self.files = np.array([os.path.join(image_dir, im["file_name"]) for im in data["images"]])
+        self.sizes = np.array([(im["width"], im["height"]) for im in data["images"]], np.int64)  # (N, 2)
+        self.first = np.cumsum([0] + [len(r) for r in rows])  # (N + 1,)
+        self.rows = np.array([row for r in rows for row in r], np.float32).reshape(-1, 6)  # (M, 6)
+        if missing := [i for i, path in enumerate(self.files) if not os.path.isfile(path)]:
             raise DataError(f"{self.ann_file}: {len(missing)} of {len(self)} image files are missing under "
-                            f"{image_dir}, e.g. {self._files[missing[0]]} (image id {self.ids[missing[0]]}); "
+                            f"{image_dir}, e.g. {self.files[missing[0]]} (image id {self.ids[missing[0]]}); "
                             "wrong folder?")
 
     def __len__(self) -> int:
@@ -252,35 +232,28 @@ class CocoDetection:
     def open(self, index: int, reduce: int = 1) -> Image.Image:
         """The image as PIL RGB at 1/reduce of its size (ceil); DataError naming the file if it
         cannot be decoded or is not the size the annotation file gives."""
-        image, size = _decode(str(self._files[index]), reduce)
-        if size != tuple(self._sizes[index]):
-            raise DataError(f"{self._files[index]}: decoded size {size[0]}x{size[1]} (after EXIF rotation) "
-                            f"is not the {self._sizes[index, 0]}x{self._sizes[index, 1]} of {self.ann_file}")
+        image, size = _decode(str(self.files[index]), reduce)
+        if size != tuple(self.sizes[index]):
+            raise DataError(f"{self.files[index]}: decoded size {size[0]}x{size[1]} (after EXIF rotation) "
+                            f"is not the {self.sizes[index, 0]}x{self.sizes[index, 1]} of {self.ann_file}")
         return image
 
     def load_image(self, index: int) -> tuple[np.ndarray, int]:
-        """(uint8 (H, W, 3) RGB, image id)."""
-        return np.array(self.open(index)), self.ids[index]  # a writable copy, for torch
+        return np.array(self.open(index)), self.ids[index]  # (uint8 (H, W, 3) RGB, writable), image id
 
     def load_targets(self, index: int) -> np.ndarray:
-        """Rows (N, 6) [x1, y1, x2, y2, class, 1] in image pixels (crowd ones only if asked)."""
-        return self._rows[self._first[index]:self._first[index + 1]].copy()
+        return self.rows[self.first[index]:self.first[index + 1]].copy()  # (N, 6) [x1, y1, x2, y2, class, 1]
 
+    def boxes_per_class(self) -> np.ndarray:
+        return np.bincount(self.rows[:, 4].astype(np.int64), minlength=len(self.cat_ids))  # (C,)
 
-# ----------------------------------------------------------------------------------------------
-# The demo's data: coloured shapes of 8 px to 60% of the image on textured backgrounds, a few per
-# image, so that one image holds objects of very different scales (Sec. 1's scale conflict),
-# drawn large to small so that small ones partly hide large ones.
-
+# --- The demo's data: a few coloured shapes of 8 px to 60% of the image on textured backgrounds
+# (Sec. 1's scale conflict in one image), drawn large to small: small ones partly hide large ones.
 SYNTHETIC_CLASSES = (  # (name, shape, RGB): distinct in shape and in colour, so it learns fast
-    ("red circle", "circle", (220, 40, 40)),
-    ("green square", "square", (40, 170, 60)),
-    ("blue triangle", "triangle", (40, 80, 220)),
-    ("yellow diamond", "diamond", (230, 200, 30)),
-    ("magenta cross", "cross", (200, 40, 200)),
-)
+    ("red circle", "circle", (220, 40, 40)), ("green square", "square", (40, 170, 60)),
+    ("blue triangle", "triangle", (40, 80, 220)), ("yellow diamond", "diamond", (230, 200, 30)),
+    ("magenta cross", "cross", (200, 40, 200)))
 SYNTHETIC_VERSION = 1  # part of the cache key: bump when the drawing changes
-
 
 def _texture(rng: np.random.Generator, width: int, height: int) -> np.ndarray:
     """A muted background (uint8 (H, W, 3)): a smooth colour field, stripes or checks, noise."""
@@ -297,7 +270,6 @@ def _texture(rng: np.random.Generator, width: int, height: int) -> np.ndarray:
     texture = rng.uniform(5, 25) * pattern[..., None] + rng.normal(0, 6, (height, width, 1))
     return (field + texture).clip(0, 255).astype(np.uint8)
 
-
 def draw_shape(draw: ImageDraw.ImageDraw, shape: str, box, colour) -> None:
     """Fill `shape` so that its pixels span exactly the columns x..x+w-1, rows y..y+h-1."""
     x, y, w, h = box
@@ -307,53 +279,39 @@ def draw_shape(draw: ImageDraw.ImageDraw, shape: str, box, colour) -> None:
         draw.ellipse((x, y, r, b), fill=colour)
     elif shape == "square":
         draw.rectangle((x, y, r, b), fill=colour)
-    elif shape == "triangle":
-        draw.polygon([(x, b), (r, b), (mx, y)], fill=colour)
-    elif shape == "diamond":
-        draw.polygon([(mx, y), (r, my), (mx, b), (x, my)], fill=colour)
+    elif shape in ("triangle", "diamond"):
+        corners = [(x, b), (r, b), (mx, y)] if shape == "triangle" else [(mx, y), (r, my), (mx, b), (x, my)]
+        draw.polygon(corners, fill=colour)
     elif shape == "cross":  # a plus sign, arms one third thick
         tw, th = max(2, round(w / 3)), max(2, round(h / 3))
         draw.rectangle((x + (w - tw) // 2, y, x + (w - tw) // 2 + tw - 1, b), fill=colour)
         draw.rectangle((x, y + (h - th) // 2, r, y + (h - th) // 2 + th - 1), fill=colour)
-
-
-def _place(rng, w, h, width, height, placed, max_hidden=0.35):
-    """A position (x, y) where a w x h box hides at most `max_hidden` of each earlier box
-    (placed: (K, 4) corners), or None after 20 tries."""
-    for _ in range(20):
-        x, y = int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1))
-        lt, rb = np.maximum(placed[:, :2], (x, y)), np.minimum(placed[:, 2:], (x + w, y + h))
-        hidden = np.prod(np.clip(rb - lt, 0, None), 1)  # (K,) overlap areas
-        if (hidden <= max_hidden * np.prod(placed[:, 2:] - placed[:, :2], 1)).all():
-            return x, y
-    return None
-
 
 def draw_scene(rng: np.random.Generator, width: int, height: int, max_objects: int = 6):
     """One synthetic image (PIL RGB) and its objects [(class, [x, y, w, h]), ...]."""
     image = Image.fromarray(_texture(rng, width, height))
     draw = ImageDraw.Draw(image)
     n = 0 if rng.random() < 0.05 else int(rng.integers(1, max_objects + 1))  # 5% empty images
-    # sides from 8 px to 60% of the image, uniform in sqrt(side): about a third are COCO-small
-    # (log-uniform would make half of them small, which a tiny CPU-trained model finds hard)
+    # sides 8 px to 60% of the image, uniform in sqrt(side): a third COCO-small (log-uniform: half)
     sides = rng.uniform(np.sqrt(8), np.sqrt(0.6 * min(width, height)), n) ** 2
-    objects, placed = [], []
+    objects, placed = [], np.zeros((0, 4), np.int64)  # (K, 4) corners of the boxes drawn
     for side in sorted(sides, reverse=True):  # large first, so small ones are not hidden
         aspect = np.exp(rng.uniform(-0.3, 0.3))
         w, h = int(np.clip(round(side * aspect), 8, width)), int(np.clip(round(side / aspect), 8, height))
         cls = int(rng.integers(len(SYNTHETIC_CLASSES)))
-        xy = _place(rng, w, h, width, height, np.array(placed, np.int64).reshape(-1, 4))
-        if xy is None:
+        for _ in range(20):  # a place where the box hides at most 35% of each earlier box
+            x, y = int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1))
+            lt, rb = np.maximum(placed[:, :2], (x, y)), np.minimum(placed[:, 2:], (x + w, y + h))
+            hidden = np.prod(np.clip(rb - lt, 0, None), 1)  # (K,) overlap areas
+            if (hidden <= 0.35 * np.prod(placed[:, 2:] - placed[:, :2], 1)).all():
+                break
+        else:
             continue
         colour = np.clip(np.add(SYNTHETIC_CLASSES[cls][2], rng.integers(-20, 21, 3)), 0, 255)
-        draw_shape(draw, SYNTHETIC_CLASSES[cls][1], (*xy, w, h), tuple(colour.tolist()))
-        placed.append((xy[0], xy[1], xy[0] + w, xy[1] + h))
-        objects.append((cls, [*xy, w, h]))
+        draw_shape(draw, SYNTHETIC_CLASSES[cls][1], (x, y, w, h), tuple(colour.tolist()))
+        placed = np.concatenate([placed, [(x, y, x + w, y + h)]])
+        objects.append((cls, [x, y, w, h]))
     return image, objects
-
-
-# ----------------------------------------------------------------------------------------------
-# Plumbing: writing and caching the synthetic set
 
 def _write_split(folder: Path, split: str, n: int, width: int, height: int, seed: int, stream: int,
                  fmt: str = "png", max_objects: int = 6) -> None:
@@ -374,44 +332,58 @@ def _write_split(folder: Path, split: str, n: int, width: int, height: int, seed
             "annotations": annotations, "categories": categories}
     (folder / f"{split}.json").write_text(json.dumps(data, sort_keys=True, separators=(",", ":")))
 
-
 def make_synthetic(root: str | None = None, n_train: int = 1024, n_val: int = 64,
                    image_size: int = 192, seed: int = 0) -> dict:
     """Generate the synthetic set once into root/synthetic-<hash of the arguments> (root default:
-    $ASFF_CACHE or ~/.cache/asff) and return its paths. Same arguments -> identical files."""
-    params = {"version": SYNTHETIC_VERSION, "n_train": n_train, "n_val": n_val, "image_size": image_size,
-              "seed": seed}
+    $ASFF_CACHE or ~/.cache/asff); its paths. Same arguments -> identical files. The validation split
+    is the same whatever n_train (its own random streams); n_train=0 writes it alone (train: None)."""
+    params = dict(version=SYNTHETIC_VERSION, n_train=n_train, n_val=n_val, image_size=image_size, seed=seed)
     digest = hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:10]
     root = Path(root or os.environ.get("ASFF_CACHE") or Path.home() / ".cache" / "asff")
     folder = root / f"synthetic-{digest}"
     if not folder.is_dir():  # written under a temporary name, then renamed: complete or absent
         root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".synthetic-", dir=root))
-        _write_split(tmp, "train", n_train, image_size, image_size, seed, stream=0)
+        if n_train:
+            _write_split(tmp, "train", n_train, image_size, image_size, seed, stream=0)
         _write_split(tmp, "val", n_val, image_size, image_size, seed, stream=1)
         try:
             os.rename(tmp, folder)
         except OSError:  # another process (a DDP rank) finished first: its files are the same
             shutil.rmtree(tmp)
-    return {"root": str(folder), "train_images": str(folder / "train"),
-            "train_json": str(folder / "train.json"), "val_images": str(folder / "val"),
-            "val_json": str(folder / "val.json")}
+    train = {"train_images": str(folder / "train"), "train_json": str(folder / "train.json")}
+    return {"root": str(folder), **{key: path if n_train else None for key, path in train.items()},
+            "val_images": str(folder / "val"), "val_json": str(folder / "val.json")}
 
+# --- Paper, Sec. 3.1 (bag of freebies): mixup; both images' boxes, weighted by their ratio (mix)
+def draw_mixup(rng: np.random.Generator, index: int, n: int) -> tuple[float, int]:
+    """Mixup ratio lambda ~ Beta(1.5, 1.5) and a partner drawn uniformly among the other images."""
+    lam, partner = float(np.clip(rng.beta(1.5, 1.5), 0, 1)), int(rng.integers(n - 1))
+    return lam, partner + (partner >= index)
 
-# ----------------------------------------------------------------------------------------------
-# Augmentation, as released (docs/released-code.md, augmentation): colour
+def mixup(image1: Image.Image, image2: Image.Image, lam: float, box=None) -> Image.Image:
+    """Both images top-left on a (max W, max H) canvas, black where one does not reach (as
+    released), blended = lam * image1 + (1 - lam) * image2; made only in box (default: all)."""
+    box = box or (0, 0, max(image1.width, image2.width), max(image1.height, image2.height))
+    return Image.blend(_cut(image1, box), _cut(image2, box), 1 - lam)  # im1 (1 - a) + im2 a
 
+def mixup_rows(rows1: np.ndarray, rows2: np.ndarray, lam: float) -> np.ndarray:
+    """Both images' rows, each box carrying its image's ratio (lam, 1 - lam) as its mix."""
+    rows = np.concatenate([rows1, rows2])  # (N1 + N2, 6)
+    rows[:, 5] = np.repeat([lam, 1 - lam], [len(rows1), len(rows2)])
+    return rows
+
+# --- The release's augmentation (not in the paper; docs/released-code.md): colour
 def draw_colour(rng: np.random.Generator) -> tuple[float, float, int, float]:
-    """The released colour draws, each step with p = 0.5 -> color_distort's arguments."""
+    """The released colour draws, each step with p = 0.5 -> colour_distort's arguments."""
     brightness = rng.uniform(-32, 32) if rng.random() < 0.5 else 0.0
     contrast = rng.uniform(0.5, 1.5) if rng.random() < 0.5 else 1.0
     hue = int(rng.integers(-18, 19)) if rng.random() < 0.5 else 0
     saturation = rng.uniform(0.5, 1.5) if rng.random() < 0.5 else 1.0
     return brightness, contrast, hue, saturation
 
-
-def color_distort(image: Image.Image, brightness: float = 0.0, contrast: float = 1.0, hue: int = 0,
-                  saturation: float = 1.0) -> Image.Image:
+def colour_distort(image: Image.Image, brightness: float = 0.0, contrast: float = 1.0, hue: int = 0,
+                   saturation: float = 1.0) -> Image.Image:
     """The released colour steps in order: x -> clip(clip(x + brightness) * contrast) (one look-up
     table); HSV hue + hue; HSV saturation * saturation."""
     if brightness != 0 or contrast != 1:
@@ -420,28 +392,19 @@ def color_distort(image: Image.Image, brightness: float = 0.0, contrast: float =
     image = rotate_hue(image, hue) if hue != 0 else image
     return saturate(image, saturation) if saturation != 1 else image
 
-
-# PIL's 8-bit hue H makes a full turn in 255 steps, 6 sextants. Channel c holds the share
-# g_c(H) = clip(2 - d, 0, 1) of the chroma V - min, d the distance in sextants from the channel's
-# own hue (R 0, G 2, B 4): 1 where it is the largest channel, 0 where the smallest.
-_SEXTANTS = np.arange(256) * 6 / 255
-SHORTFALL = [(1 - np.clip(2 - np.abs((_SEXTANTS - centre + 3) % 6 - 3), 0, 1)).astype(np.float32)
-             for centre in (0, 2, 4)]  # 1 - g_c(H) for R, G, B
-
+# PIL's 8-bit hue H turns in 255 steps, 6 sextants. Channel c (R, G, B centred at sextant 0, 2, 4)
+# holds the share g_c(H) = clip(2 - d, 0, 1) of the chroma V - min, d its distance from its centre.
+SHORTFALL = np.stack([1 - np.clip(2 - np.abs((np.arange(256) * 6 / 255 - centre + 3) % 6 - 3), 0, 1)
+                      for centre in (0, 2, 4)], 1).astype(np.float32)  # (256, 3): 1 - g_c(H)
 
 def rotate_hue(image: Image.Image, hue: int) -> Image.Image:
-    """HSV hue + hue (OpenCV units: 180 is a full turn), saturation and value kept. PIL converts to
-    HSV; back to RGB by c = V - V S (1 - g_c(H)): PIL's HSV -> RGB values (every 24-bit colour
-    checked) at half its cost."""
+    """HSV hue + hue (OpenCV units: 180 is a full turn). PIL converts to HSV; back by c = V - V S
+    (1 - g_c(H)): PIL's own RGB values (its round trip: 1.2-2x the time on the CPUs measured)."""
     hsv = np.asarray(image.convert("HSV"))  # (H, W, 3) uint8
     h = hsv[..., 0] + np.uint8(round(hue * 256 / 180) % 256)  # (H, W), wraps at 256 (uint8)
-    v = hsv[..., 2].astype(np.float32)  # (H, W)
-    chroma = v * hsv[..., 1] * np.float32(1 / 255)  # (H, W) V S = max - min
-    rgb = np.empty_like(hsv)  # (H, W, 3)
-    for c in range(3):
-        rgb[..., c] = np.rint(v - chroma * SHORTFALL[c][h])
-    return Image.fromarray(rgb)
-
+    v = hsv[..., 2:].astype(np.float32)  # (H, W, 1)
+    chroma = v * hsv[..., 1:2] * np.float32(1 / 255)  # (H, W, 1) V S = max - min
+    return Image.fromarray(np.rint(v - chroma * SHORTFALL[h]).astype(np.uint8))  # (H, W, 3)
 
 def saturate(image: Image.Image, s: float) -> Image.Image:
     """HSV saturation * s, hue and value kept, in RGB: S = (V - min) / V with V = max(R, G, B), so
@@ -450,16 +413,12 @@ def saturate(image: Image.Image, s: float) -> Image.Image:
     v = ImageChops.lighter(ImageChops.lighter(r, g), b)
     return Image.blend(Image.merge("RGB", (v, v, v)), image, s)  # v + s (c - v)
 
-
-# ----------------------------------------------------------------------------------------------
-# Augmentation: the geometric steps. Each returns its 3x3 matrix (old pixels -> new pixels), the
-# moved rows and the new canvas size; only the product of the matrices touches the pixels.
-
-def _translation(tx: float, ty: float) -> np.ndarray:
+# --- The release's augmentation: the geometric steps. Each returns its 3x3 matrix (old pixels ->
+# new pixels), the moved rows and the new canvas size; only the product touches the pixels.
+def translation(tx: float, ty: float) -> np.ndarray:
     return np.array([[1, 0, tx], [0, 1, ty], [0, 0, 1]], np.float64)
 
-
-def _move_boxes(T: np.ndarray, rows: np.ndarray) -> np.ndarray:
+def move_boxes(T: np.ndarray, rows: np.ndarray) -> np.ndarray:
     """Rows with boxes replaced by the enclosing boxes of their four corners mapped by T."""
     x1, y1, x2, y2 = rows[:, 0], rows[:, 1], rows[:, 2], rows[:, 3]
     corners = np.stack([np.stack([x, y, np.ones_like(x)]) for x, y in
@@ -469,33 +428,21 @@ def _move_boxes(T: np.ndarray, rows: np.ndarray) -> np.ndarray:
     out[:, :4] = np.stack([x.min(0), y.min(0), x.max(0), y.max(0)], 1)
     return out
 
-
 def expand(rng, rows, wh):
     """Zoom out (SSD): put the image on a canvas 1-4x as large filled with the mean colour."""
-    W, H = wh
-    s = rng.uniform(1, 4)
+    (W, H), s = wh, rng.uniform(1, 4)
     r = math.sqrt(rng.uniform(max(0.5, 1 / s**2), min(2, s**2)))  # keeps s*r >= 1 and s/r >= 1
     w, h = max(W, int(s * r * W)), max(H, int(s / r * H))
-    T = _translation(rng.integers(0, w - W + 1), rng.integers(0, h - H + 1))
-    return T, _move_boxes(T, rows), (w, h)
-
-
-def pairwise_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """(R, 4) x (N, 4) corner boxes [x1, y1, x2, y2] -> (R, N) IoU of every pair."""
-    lt, rb = np.maximum(a[:, None, :2], b[None, :, :2]), np.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = np.prod(np.clip(rb - lt, 0, None), axis=2)  # (R, N)
-    area_a, area_b = np.prod(a[:, 2:] - a[:, :2], 1), np.prod(b[:, 2:] - b[:, :2], 1)
-    return inter / (area_a[:, None] + area_b[None] - inter)
-
+    T = translation(rng.integers(0, w - W + 1), rng.integers(0, h - H + 1))
+    return T, move_boxes(T, rows), (w, h)
 
 CROP_MIN_IOU = (None, 0.1, 0.3, 0.5, 0.7, 0.9, -np.inf)  # SSD modes; None = no crop
-
 
 def ssd_crop(rng, rows, wh, tries=50):
     """SSD random crop: a window of 0.3-1 of each side whose IoU with every box is at least the
     drawn mode's minimum; boxes whose centre falls inside are kept and clipped."""
     W, H = wh
-    identity = (np.eye(3), rows, wh)
+    identity, boxes = (np.eye(3), rows, wh), torch.from_numpy(rows[:, :4].astype(np.float64))  # (N, 4)
     for _ in range(50 if len(rows) else 0):  # the release retries forever; 50 modes fail seldom
         min_iou = CROP_MIN_IOU[rng.integers(len(CROP_MIN_IOU))]
         if min_iou is None:
@@ -504,84 +451,71 @@ def ssd_crop(rng, rows, wh, tries=50):
         ratio = np.sqrt(rng.uniform(np.maximum(0.5, scale**2), np.minimum(2, 1 / scale**2)))
         w, h = np.maximum(1, (scale * ratio * W).astype(int)), np.maximum(1, (scale / ratio * H).astype(int))
         left, top = rng.integers(0, W - w + 1), rng.integers(0, H - h + 1)
-        rois = np.stack([left, top, left + w, top + h], 1).astype(np.float64)  # (tries, 4)
+        rois = np.stack([left, top, left + w, top + h], 1).astype(np.float64)  # (R, 4)
         centres = (rows[:, :2] + rows[:, 2:4]) / 2  # (N, 2)
         inside = ((rois[:, None, :2] < centres) & (centres < rois[:, None, 2:])).all(2)  # (R, N)
-        ok = (pairwise_iou(rois, rows[:, :4]).min(1) >= min_iou) & inside.any(1)
-        if ok.any():
+        iou = box_iou(torch.from_numpy(rois), boxes).numpy()  # (R, N)
+        if (ok := (iou.min(1) >= min_iou) & inside.any(1)).any():
             k = int(np.argmax(ok))
             kept = rows[inside[k]].copy()
             kept[:, :4] = np.clip(kept[:, :4], rois[k, [0, 1, 0, 1]], rois[k, [2, 3, 2, 3]])
-            T = _translation(-rois[k, 0], -rois[k, 1])
-            return T, _move_boxes(T, kept), (int(w[k]), int(h[k]))
+            T = translation(-rois[k, 0], -rois[k, 1])
+            return T, move_boxes(T, kept), (int(w[k]), int(h[k]))
     return identity
 
-
 def hflip(rng, rows, wh):
-    """Mirror left-right: x -> W - x."""
-    T = np.array([[-1, 0, wh[0]], [0, 1, 0], [0, 0, 1]], np.float64)
-    return T, _move_boxes(T, rows), wh
-
+    T = np.array([[-1, 0, wh[0]], [0, 1, 0], [0, 0, 1]], np.float64)  # mirror left-right: x -> W - x
+    return T, move_boxes(T, rows), wh
 
 def random_affine(rng, rows, wh, degrees=10.0, translate=0.1, scale=0.1, shear=2.0):
-    """Rotation about the centre with scale, then translation, then shear: A = S @ T @ R, on a
-    canvas of the same size. Boxes: enclosing box of the moved corners, shrunk by
-    sqrt(max(|sin a|, |cos a|)) about its centre (the release's correction), clipped."""
+    """A = S @ T @ R: rotation about the centre with scale, translation, shear. Boxes: enclosing box of
+    the moved corners, shrunk by sqrt(max(|sin a|, |cos a|)) (the release's correction), clipped."""
     W, H = wh
     a, s = math.radians(rng.uniform(-degrees, degrees)), rng.uniform(1 - scale, 1 + scale)
     alpha, beta = s * math.cos(a), s * math.sin(a)  # OpenCV's getRotationMatrix2D(centre, a, s)
     R = np.array([[alpha, beta, (1 - alpha) * W / 2 - beta * H / 2],
                   [-beta, alpha, beta * W / 2 + (1 - alpha) * H / 2], [0, 0, 1]])
     # x shifts by a fraction of the width, y of the height (the release swaps them)
-    T = _translation(rng.uniform(-translate, translate) * W, rng.uniform(-translate, translate) * H)
+    T = translation(rng.uniform(-translate, translate) * W, rng.uniform(-translate, translate) * H)
     sx, sy = (math.tan(math.radians(rng.uniform(-shear, shear))) for _ in range(2))
     A = np.array([[1, sx, 0], [sy, 1, 0], [0, 0, 1]]) @ T @ R
-    out = _move_boxes(A, rows)
+    out = move_boxes(A, rows)
     centre, half = (out[:, :2] + out[:, 2:4]) / 2, (out[:, 2:4] - out[:, :2]) / 2
     half *= math.sqrt(max(abs(math.sin(a)), abs(math.cos(a))))
     out[:, :4] = np.clip(np.concatenate([centre - half, centre + half], 1), 0, [W, H, W, H])
     return A, out[(out[:, 2] > out[:, 0]) & (out[:, 3] > out[:, 1])], wh
 
-
 def resize_matrix(wh, size: int) -> np.ndarray:
-    """Plain (aspect-changing) resize of a W x H image to size x size."""
-    return np.diag([size / wh[0], size / wh[1], 1.0])
-
+    return np.diag([size / wh[0], size / wh[1], 1.0])  # a W x H image to size x size (aspect changes)
 
 def geometry(rng, rows, wh, size):
-    """The released geometric steps as one matrix M (source pixels -> output pixels), the moved
-    rows, and the source window that the crop keeps: the affine may bring the canvas border into
-    view, and there the release shows the fill colour, not the source cut away by the crop."""
+    """The released geometric steps as one matrix M (source -> output pixels), the moved rows, and
+    the source window the crop keeps (beyond it, where the affine shows it, the fill colour)."""
     M = np.eye(3)
     for step, p in ((expand, 0.5), (ssd_crop, 1.0), (hflip, 0.5), (random_affine, 0.5)):
         if step is random_affine:  # so far M only shifts and mirrors: the canvas is a rectangle
-            window = _move_boxes(np.linalg.inv(M), np.array([[0, 0, *wh, 0, 0]]))[0, :4]
+            window = move_boxes(np.linalg.inv(M), np.array([[0, 0, *wh, 0, 0]]))[0, :4]
         if rng.random() < p:
             T, rows, wh = step(rng, rows, wh)
             M = T @ M
     T = resize_matrix(wh, size)
-    return T @ M, _move_boxes(T, rows), window
+    return T @ M, move_boxes(T, rows), window
 
-
-# ----------------------------------------------------------------------------------------------
-# Augmentation: every draw of a sample first (a Plan, from its boxes and image size), then pixels
-
+# --- The release's augmentation: every draw of a sample first (a Plan, from its boxes and image
+# size), then the pixels
 class Plan(NamedTuple):
-    colour: tuple  # color_distort's (brightness, contrast, hue, saturation)
+    colour: tuple  # colour_distort's (brightness, contrast, hue, saturation)
     M: np.ndarray  # (3, 3) source pixels -> output pixels: the product of the geometric steps
     window: tuple  # (x1, y1, x2, y2) of the source that the crop keeps; the rest: the mean colour
     resample: int  # Image.NEAREST or Image.BILINEAR
     rows: np.ndarray  # (N, 6) in output pixels
 
-
-NO_COLOUR = (0.0, 1.0, 0, 1.0)  # color_distort's arguments that change nothing
-
+NO_COLOUR = (0.0, 1.0, 0, 1.0)  # colour_distort's arguments that change nothing
 
 def plain_resize(rows: np.ndarray, wh, size: int) -> Plan:
     """No augmentation: the image resized to size x size, bilinear, with all its boxes."""
     M = resize_matrix(wh, size)
-    return Plan(NO_COLOUR, M, (0, 0, *wh), Image.BILINEAR, _move_boxes(M, rows))
-
+    return Plan(NO_COLOUR, M, (0, 0, *wh), Image.BILINEAR, move_boxes(M, rows))
 
 def draw_augmentation(rng: np.random.Generator, rows: np.ndarray, wh, size: int, min_size=6.0) -> Plan:
     """The released draws for a W x H image: colour, the geometric steps, the resampling; boxes
@@ -594,24 +528,21 @@ def draw_augmentation(rng: np.random.Generator, rows: np.ndarray, wh, size: int,
         return plain_resize(rows, wh, size)
     return Plan(colour, M, tuple(window), resample, out)
 
-
 def reduction(M: np.ndarray) -> int:
     """The coarsest decoding scale 1/k (k = 1, 2, 4, 8) with a source pixel per output pixel still."""
     stretch = np.linalg.norm(M[:2, :2], 2)  # the most output pixels per source pixel, any direction
     return int(2 ** np.clip(np.floor(-np.log2(stretch)), 0, 3))
-
 
 def warp(image: Image.Image, M: np.ndarray, size: int, resample=Image.BILINEAR) -> Image.Image:
     """The size x size image whose pixel p shows source pixel M^-1 p, the mean colour where that
     falls outside the image: zoom out, crop, flip, affine and resize in one resampling."""
     if resample == Image.BILINEAR and M[0, 1] == M[1, 0] == 0 and M[1, 1] > 0:
         return _scale(image, M, size)
-    inverse = np.linalg.inv(M)[:2].ravel()
-    return image.transform((size, size), Image.AFFINE, tuple(inverse), resample, fillcolor=FILL)
-
+    inverse = tuple(np.linalg.inv(M)[:2].ravel())  # output pixel -> source pixel
+    return image.transform((size, size), Image.AFFINE, inverse, resample, fillcolor=FILL)
 
 def _scale(image: Image.Image, M: np.ndarray, size: int) -> Image.Image:
-    """warp's bilinear M of scale, shift and mirroring only, by PIL's resize (3x faster than its
+    """warp's bilinear M of scale, shift and mirroring only, by PIL's resize (2-3x faster than its
     general warp, and it averages where it shrinks): the output pixels the image covers whole."""
     (sx, _, tx), (_, sy, ty) = M[:2]
     x1, x2 = sorted((tx, tx + sx * image.width))  # the image's columns in the output
@@ -624,16 +555,12 @@ def _scale(image: Image.Image, M: np.ndarray, size: int) -> Image.Image:
     box = (max(0, u1), max(0, (c - ty) / sy), min(image.width, u2), min(image.height, (d - ty) / sy))
     part = image.resize((b - a, d - c), Image.BILINEAR, box=box)
     part = part.transpose(Image.FLIP_LEFT_RIGHT) if sx < 0 else part
-    if out is None:
-        return part
-    out.paste(part, (a, c))
-    return out
-
+    if out is not None:
+        out.paste(part, (a, c))
+    return part if out is None else out
 
 def _cut(image: Image.Image, box: tuple) -> Image.Image:
-    """image.crop(box), black beyond the image; no copy if box is the whole image."""
-    return image if box == (0, 0, *image.size) else image.crop(box)
-
+    return image if box == (0, 0, *image.size) else image.crop(box)  # black beyond the image
 
 def render(images: list, lam: float, plan: Plan, size: int, reduce: int = 1) -> Image.Image:
     """A sample's pixels from its decoded image(s) (at 1/reduce of their size): mixup and colour on
@@ -643,51 +570,29 @@ def render(images: list, lam: float, plan: Plan, size: int, reduce: int = 1) -> 
     x1, y1 = max(0, x1), max(0, y1)
     box = (x1, y1, max(x1 + 1, min(W, x2)), max(y1 + 1, min(H, y2)))
     image = mixup(*images, lam, box) if len(images) == 2 else _cut(images[0], box)
-    image = color_distort(image, *plan.colour)
-    M = plan.M @ np.diag([reduce, reduce, 1.0]) @ _translation(x1, y1)  # box pixels -> output pixels
+    image = colour_distort(image, *plan.colour)
+    M = plan.M @ np.diag([reduce, reduce, 1.0]) @ translation(x1, y1)  # box pixels -> output pixels
     return warp(image, M, size, plan.resample)
 
-
-# ----------------------------------------------------------------------------------------------
-# Mixup (Sec. 3.1, bag of freebies)
-
-def draw_mixup(rng: np.random.Generator, index: int, n: int) -> tuple[float, int]:
-    """Mixup ratio lambda ~ Beta(1.5, 1.5) and a partner drawn uniformly among the other images."""
-    lam, partner = float(np.clip(rng.beta(1.5, 1.5), 0, 1)), int(rng.integers(n - 1))
-    return lam, partner + (partner >= index)
-
-
-def mixup(image1: Image.Image, image2: Image.Image, lam: float, box=None) -> Image.Image:
-    """Both images top-left on a (max W, max H) canvas, black where one does not reach (as
-    released), blended = lam * image1 + (1 - lam) * image2; made only in box (default: all)."""
-    box = box or (0, 0, max(image1.width, image2.width), max(image1.height, image2.height))
-    return Image.blend(_cut(image1, box), _cut(image2, box), 1 - lam)  # im1 (1 - a) + im2 a
-
-
-def mixup_rows(rows1: np.ndarray, rows2: np.ndarray, lam: float) -> np.ndarray:
-    """Both images' rows, each box carrying its image's ratio (lam, 1 - lam) as its mix."""
-    rows1, rows2 = rows1.copy(), rows2.copy()
-    rows1[:, 5], rows2[:, 5] = lam, 1 - lam
-    return np.concatenate([rows1, rows2])
-
-
-# ----------------------------------------------------------------------------------------------
-# Training set, batching, random shapes
-
+# --- Training samples and batches; paper Sec. 3.4: random input shapes
 class TrainDataset(torch.utils.data.Dataset):
-    """Augmented (and mixed) training samples at a fixed size; see the module docstring."""
+    """Augmented (and mixed) training samples at a fixed size; see the module docstring. Says once
+    (rank 0) which categories have no training box: the model learns never to predict them."""
 
     def __init__(self, data: CocoDetection, size: int = 608, seed: int = 0, mixup: bool = True,
                  augment: bool = True, min_size: float = 6.0):
         if "annotations" not in data.coco.dataset:
             raise DataError(f"{data.ann_file}: no 'annotations'; cannot train on it")
         self.data, self.size, self.seed, self.min_size = data, size, seed, min_size
-        self.mixup, self.augment, self.epoch = mixup, augment, 0
-        self.unreadable = set()  # images found unreadable in this process (each worker its own)
+        self.mixup, self.augment, self.epoch, self.unreadable = mixup, augment, 0, set()  # (this process's)
+        empty = [f"{i} {_shown(name)}" for i, name, n in zip(data.cat_ids, data.class_names,
+                                                             data.boxes_per_class(), strict=True) if n == 0]
+        if empty and os.environ.get("RANK", "0") == "0":
+            print(f"warning: {data.ann_file}: categories without a training box, which the model learns "
+                  f"never to predict (id name): {', '.join(empty)}", file=sys.stderr, flush=True)
 
     def set_epoch(self, epoch: int) -> None:
-        """New draws for every sample; call before iterating the epoch's DataLoader."""
-        self.epoch = epoch
+        self.epoch = epoch  # new draws for every sample: set before the epoch's DataLoader starts
 
     def __len__(self) -> int:
         return len(self.data)
@@ -701,9 +606,8 @@ class TrainDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int):
         """(uint8 (3, size, size), float32 rows (N, 6) in input pixels)."""
-        sample = None
-        while sample is None:  # None: an image turned out unreadable; drawn again without it
-            sample = self._sample(index)
+        while (sample := self._sample(index)) is None:  # an image was unreadable: drawn without it
+            pass
         return sample
 
     def _sample(self, index: int):
@@ -714,7 +618,7 @@ class TrainDataset(torch.utils.data.Dataset):
             picks.append(self._readable(partner))
         rows = [self.data.load_targets(j) for j in picks]
         rows = mixup_rows(*rows, lam) if len(picks) == 2 else rows[0]  # (N, 6)
-        canvas = tuple(self.data._sizes[picks].max(0))  # mixup's (max W, max H)
+        canvas = tuple(self.data.sizes[picks].max(0))  # mixup's (max W, max H)
         plan = (draw_augmentation(rng, rows, canvas, self.size, self.min_size) if self.augment
                 else plain_resize(rows, canvas, self.size))
         reduce, images = reduction(plan.M), []
@@ -728,32 +632,26 @@ class TrainDataset(torch.utils.data.Dataset):
                 return None
         return to_tensor(render(images, lam, plan, self.size, reduce)), torch.from_numpy(plan.rows)
 
-
 def ignore_stop_signals(worker_id: int) -> None:
-    """DataLoader worker_init_fn: the worker ignores SIGTERM and SIGINT. systemd, SLURM, Ctrl-C
-    and `kill -- -PGID` signal the whole process group; the main process catches the signal,
-    finishes its step, saves and then shuts its workers down, which must live until then."""
+    """DataLoader worker_init_fn: systemd, SLURM, Ctrl-C and `kill -- -PGID` signal the whole
+    process group; the main process saves, then ends its workers (exit_on_user_error kills them)."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
-
 def to_tensor(image: Image.Image) -> torch.Tensor:
-    """PIL RGB -> uint8 (3, H, W), contiguous: PIL splits the channels (so collate's conversion to
-    float reads contiguous planes, 3x faster than through a permuted view)."""
-    return torch.from_numpy(np.stack([np.asarray(band) for band in image.split()]))
-
+    """PIL RGB -> uint8 (3, H, W), contiguous: PIL splits the channels (so the conversion to float
+    reads contiguous planes, 3x faster than through a permuted view)."""
+    return torch.from_numpy(np.stack([np.asarray(band) for band in image.split()]))  # (3, H, W)
 
 def loss_targets(rows: torch.Tensor) -> torch.Tensor:
     """Rows (N, 6) [x1, y1, x2, y2, class, mix] -> the loss's (N, 6) [class, cx, cy, w, h, mix]."""
     x1, y1, x2, y2, cls, mix = rows.unbind(1)
-    return torch.stack([cls, (x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1, mix], 1)
-
+    return torch.stack([cls, (x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1, mix], 1)  # (N, 6)
 
 def _normalize_(x: torch.Tensor) -> torch.Tensor:
-    """float (B, 3, H, W) in 0..255 -> (x / 255 - MEAN) / STD, in place."""
-    std = torch.tensor(STD).view(1, 3, 1, 1)
-    return x.mul_(1 / (255 * std)).add_(-torch.tensor(MEAN).view(1, 3, 1, 1) / std)
-
+    """float (B, 3, H, W) in 0..255 -> (x / 255 - MEAN) / STD, in place, on x's device."""
+    mean, std = (torch.tensor(v, device=x.device).view(1, 3, 1, 1) for v in (MEAN, STD))  # (1, 3, 1, 1)
+    return x.mul_(1 / (255 * std)).add_(-mean / std)  # (B, 3, H, W)
 
 def normalize(image: np.ndarray, size) -> torch.Tensor:
     """uint8 (H, W, 3) RGB -> (3, size, size) float: plain bilinear resize (OpenCV's INTER_LINEAR,
@@ -763,19 +661,19 @@ def normalize(image: np.ndarray, size) -> torch.Tensor:
     x = F.interpolate(x, size=hw, mode="bilinear", align_corners=False)  # (1, 3, h, w)
     return _normalize_(x)[0]
 
+def stack_batch(batch):
+    """[(uint8 (3, S, S), rows (N_i, 6)), ...] -> (uint8 (B, 3, S, S), B x (N_i, 6) loss targets)."""
+    return torch.stack([image for image, _ in batch]), [loss_targets(rows) for _, rows in batch]
 
 def collate(batch):
-    """[(uint8 (3, S, S), rows (N_i, 6)), ...] -> (float (B, 3, S, S), B x (N_i, 6) loss targets). In a
-    DataLoader worker the batch is made in shared memory, where the main process reads it (as
-    torch's default_collate does): no copy on the way, and half the page faults."""
-    shape, images = (len(batch), *batch[0][0].shape), torch.empty(0)  # (B, 3, S, S)
-    if torch.utils.data.get_worker_info() is not None:
-        images = images.new(images._typed_storage()._new_shared(math.prod(shape)))
-    images = images.resize_(shape)  # (B, 3, S, S) float
-    for b, (image, _) in enumerate(batch):
-        images[b].copy_(image)  # uint8 -> float
-    return _normalize_(images), [loss_targets(rows) for _, rows in batch]
+    """stack_batch, the images normalised: (float (B, 3, S, S), B x (N_i, 6) loss targets)."""
+    return to_input(*stack_batch(batch))
 
+def to_input(images: torch.Tensor, targets: list, size: int | None = None):
+    """uint8 (B, 3, H, W) on any device (a GPU: 1/4 of the bytes to copy) -> collate's float batch,
+    and resize_batch's where a size is given."""
+    x = _normalize_(images.float())  # (B, 3, H, W)
+    return resize_batch(x, targets, size) if size else (x, targets)
 
 def random_size(seed: int, iteration: int, every: int = 10, sizes=SIZES) -> int:
     """Sec. 3.4 random shapes: one size from `sizes` per block of `every` iterations, a function
@@ -783,21 +681,17 @@ def random_size(seed: int, iteration: int, every: int = 10, sizes=SIZES) -> int:
     rng = np.random.default_rng([seed, iteration // every])
     return int(sizes[rng.integers(len(sizes))])
 
-
 def resize_batch(images: torch.Tensor, targets: list, size: int):
     """Resize a (B, 3, H, W) batch to (B, 3, size, size) and scale its boxes to match."""
     B, _, H, W = images.shape
     if (H, W) == (size, size):
         return images, targets
-    images = F.interpolate(images, size=(size, size), mode="bilinear",
-                           align_corners=False)  # (B, 3, size, size)
+    images = F.interpolate(images, (size, size), mode="bilinear", align_corners=False)  # (B, 3, size, size)
     scale = torch.tensor([1, size / W, size / H, size / W, size / H, 1])  # [cls, cx, cy, w, h, mix]
     return images, [t * scale.to(t) for t in targets]
 
-
-# ----------------------------------------------------------------------------------------------
-# The demo (`python data.py`): training samples as the model sees them, boxes and mix ratios drawn
-
+# --- The script: `python data.py` draws training samples; --check reads a data set as training
+# does and says what it holds (the loader's speed: `python tests/bench.py data`)
 def demo(out: str, root: str | None, seed: int) -> None:
     """8 augmented, mixed samples of a small synthetic set, drawn with their boxes and mix ratios."""
     paths = make_synthetic(root, n_train=32, n_val=4, seed=seed)
@@ -816,29 +710,19 @@ def demo(out: str, root: str | None, seed: int) -> None:
     print(f"wrote {Path(out) / 'asff_data_demo.png'}: 8 training samples at 320 of {paths['train_images']} "
           "(augmented, mixed; box label: class and mix ratio)")
 
-
-# ----------------------------------------------------------------------------------------------
-# Plumbing: the script. --check reads a data set as training does and says what it holds (the
-# loader's speed: `python tests/bench.py data`).
-
 def check(image_dir: str, ann_file: str, include_crowd: bool = False) -> None:
     """Read a data set as training does, decode every image, and print what was found."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # counted below
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
         data = CocoDetection(image_dir, ann_file, include_crowd)
-    per_class = np.bincount(data._rows[:, 4].astype(int), minlength=len(data.cat_ids))
-    (w0, h0), (w1, h1) = data._sizes.min(0), data._sizes.max(0)
-    print(f"{data.ann_file}: {len(data)} images ({(np.diff(data._first) == 0).sum()} without boxes), widths "
-          f"{w0}-{w1}, heights {h0}-{h1} px; {len(data._rows)} boxes to train on in {len(per_class)} classes")
-    classes = ", ".join(f"{name} {n}".replace(" ", "\xa0") for name, n in zip(data.class_names, per_class))
-    for line in textwrap.wrap(f"boxes per class: {classes}", 96, initial_indent="  ",
-                              subsequent_indent="    "):
-        print(line.replace("\xa0", " "))  # (no line break inside "name count")
-    problems = [f"{len(ids)} {what.split(', ')[1]} ({what.split(', ')[0]})"
-                for what, ids in data.skipped.items()]
+    per_class, (w0, h0), (w1, h1) = data.boxes_per_class(), data.sizes.min(0), data.sizes.max(0)
+    print(f"{data.ann_file}: {len(data)} images ({(np.diff(data.first) == 0).sum()} without boxes), widths "
+          f"{w0}-{w1}, heights {h0}-{h1} px; {len(data.rows)} boxes to train on in {len(per_class)} classes")
+    print("  boxes per class: " + ", ".join(f"{name} {n}" for name, n in zip(data.class_names, per_class)))
     crowd = sum(a["iscrowd"] for a in data.coco.dataset.get("annotations", []))
-    print(f"  boxes: {', '.join(problems)}; crowd: {crowd} (scored as COCO's ignore regions; trained on with "
-          "--include-crowd)")
+    print(f"  crowd boxes: {crowd} (scored as COCO's ignore regions; trained on with --include-crowd)")
+    for warning in said:  # skipped and clipped boxes: how many, which
+        print("  " + str(warning.message).removeprefix(f"{data.ann_file}: "))
     unreadable = []
     for i in range(len(data)):
         try:
@@ -846,8 +730,7 @@ def check(image_dir: str, ann_file: str, include_crowd: bool = False) -> None:
         except DataError:
             unreadable.append(i)
     print(f"  decoded all {len(data)} images" if not unreadable else f"  {len(unreadable)} of {len(data)} "
-          f"images unreadable (training uses the next one instead), e.g. {data._files[unreadable[0]]}")
-
+          f"images unreadable (training uses the next one instead), e.g. {data.files[unreadable[0]]}")
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -861,11 +744,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.check != bool(args.images and args.ann) or bool(args.images) != bool(args.ann):
         parser.error("--check needs --images and --ann, and they need --check")
-    if args.check:
-        check(args.images, args.ann, args.include_crowd)
-    else:
-        demo(args.out, args.root, args.seed)
-
+    check(args.images, args.ann, args.include_crowd) if args.check else demo(args.out, args.root, args.seed)
 
 if __name__ == "__main__":
     exit_on_user_error(main)

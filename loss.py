@@ -30,11 +30,11 @@ from torch import Tensor
 from head import ANCHOR_MASKS, FREE_SLOT_SCALE, RELEASED_ANCHORS, STRIDES
 
 IOU_FORMS = ("1-iou^2", "-ln(iou)", "1-iou")
+TERMS = ("total", "anchor", "iou", "l1", "obj", "cls")   # what train.py logs and plots
 FREE_SLOT = 3          # the anchor-free slot follows the level's three anchor slots
 UNION_EPS = 1e-16      # released: added to every IoU union
-# Bound on the log-shape g (Level.anchors): objects of 1-1333 px on bases of 10-373 px need |g| <
-# 5.9; at ln(1e4) anchor areas stay finite in float32 (a diverging run reached g = 136.6).
-MAX_ANCHOR_LOG = math.log(1e4)
+# Bound on the log-shape g (Level.anchors): objects of 1-1333 px on bases of 10-373 px need |g| < 5.9;
+MAX_ANCHOR_LOG = math.log(1e4)   # at ln(1e4) anchor areas stay finite in float32 (a run reached 136.6)
 
 
 class GroundTruth(NamedTuple):
@@ -72,13 +72,21 @@ class SlotTargets(NamedTuple):
 
 # ---------------------------------------------------------------------------------------------
 # Geometry
-# ---------------------------------------------------------------------------------------------
 def iou_cxcywh(a: Tensor, b: Tensor) -> Tensor:
     """IoU of (cx, cy, w, h) boxes, element-wise with broadcasting: (..., 4) x (..., 4) -> (...)."""
     overlap = (torch.minimum(a[..., :2] + a[..., 2:] / 2, b[..., :2] + b[..., 2:] / 2)  # (..., 2)
                - torch.maximum(a[..., :2] - a[..., 2:] / 2, b[..., :2] - b[..., 2:] / 2)).clamp(min=0)
     inter = overlap[..., 0] * overlap[..., 1]                                  # (...)
     return inter / (a[..., 2] * a[..., 3] + b[..., 2] * b[..., 3] - inter + UNION_EPS)
+
+
+def box_iou(a: Tensor, b: Tensor) -> Tensor:
+    """IoU of every pair of corner boxes [x1, y1, x2, y2]: (N, 4) x (M, 4) -> (N, M) (NMS, crops)."""
+    lt = torch.maximum(a[:, None, :2], b[None, :, :2])                       # (N, M, 2)
+    rb = torch.minimum(a[:, None, 2:], b[None, :, 2:])                       # (N, M, 2)
+    inter = (rb - lt).clamp(min=0).prod(-1)                                  # (N, M)
+    area_a, area_b = (a[:, 2:] - a[:, :2]).prod(-1), (b[:, 2:] - b[:, :2]).prod(-1)  # (N,), (M,)
+    return inter / (area_a[:, None] + area_b[None, :] - inter)               # (N, M)
 
 
 def shape_iou(wh1: Tensor, wh2: Tensor) -> Tensor:
@@ -124,7 +132,6 @@ class Level(NamedTuple):
 
 # ---------------------------------------------------------------------------------------------
 # Targets and assignment
-# ---------------------------------------------------------------------------------------------
 def prepare_targets(targets, num_classes: int, image_hw: tuple[int, int],
                     device=None, dtype=torch.float32) -> GroundTruth:
     """Validate, flatten and filter the per-image (N_b, 6) targets: a class id outside
@@ -158,13 +165,12 @@ def assign_targets(gt: GroundTruth, anchors: Tensor, levels: dict[int, Level]) -
     best_iou, best = shape_iou(gt.box[:, None, 2:], anchors.to(gt.box)[None]).max(dim=1)  # (N,) of 9
     out = {}
     for stride, level in levels.items():
-        mask = torch.tensor(ANCHOR_MASKS[stride], device=best.device)
-        n, a = (best[:, None] == mask).nonzero().unbind(1)                     # (n,) gt, (n,) slot
-        H, W = level.pred.shape[-2:]
-        i = torch.floor(gt.box[n, 0] / stride).long().clamp(0, W - 1)          # (n,)
+        mask, (H, W) = torch.tensor(ANCHOR_MASKS[stride], device=best.device), level.pred.shape[-2:]
+        n, a = (best[:, None] == mask).nonzero().unbind(1)     # objects of this level, anchor slot
+        i = torch.floor(gt.box[n, 0] / stride).long().clamp(0, W - 1)          # (n,) centre's cell
         j = torch.floor(gt.box[n, 1] / stride).long().clamp(0, H - 1)          # (n,)
         b, slot, free_iou = gt.image[n], a, torch.zeros_like(best_iou[n])      # (n,) each
-        if level.anchor_log is not None:
+        if level.anchor_log is not None:   # the anchor-free slot takes the object if it fits better
             free_wh = level.anchors(b, torch.full_like(a, FREE_SLOT), j, i).detach()  # (n, 2)
             free_iou = shape_iou(gt.box[n, 2:], free_wh)                       # (n,)
             slot = torch.where(free_iou > best_iou[n], FREE_SLOT, a)
@@ -173,24 +179,29 @@ def assign_targets(gt: GroundTruth, anchors: Tensor, levels: dict[int, Level]) -
 
 
 def last_writer(keys: Tensor, order: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """For each distinct key the largest `order` among its writers (the release's last write):
-    (sorted distinct keys (U,), winning order (U,), position in U of each write (K,))."""
+    """"A later object takes the slot": for each distinct slot `keys` the largest `order` (object
+    index) among its writers -> (distinct slots (U,) sorted, winner (U,), place in U of each write)."""
     uniq, inverse = torch.unique(keys, return_inverse=True)                   # (U,), (K,)
     winner = torch.full_like(uniq, -1).scatter_reduce(0, inverse, order, "amax")  # (U,)
     return uniq, winner, inverse
 
 
 def slot_targets(assign: LevelAssignment, n_slots: int, grid: tuple[int, int], guided: bool) -> SlotTargets:
-    """Which slots are positive / learn a shape, and from which object: every (slot, object) write
-    at once, the last writer winning as in the release's object loop. An object writes its shape
-    into its anchor slot and, guided, the free slot; its positive slot gets the rest."""
-    H, W = grid
-    cell = assign.j * W + assign.i                                             # (n,)
-    base = assign.image * (n_slots * H * W) + cell                             # (n,) slot 0 index
-    pos, pos_gt, pos_of = last_writer(base + assign.slot * H * W, assign.gt)
-    shape_slots = [assign.anchor_slot] + ([torch.full_like(cell, FREE_SLOT)] if guided else [])
-    shape_keys = torch.cat([base + s * H * W for s in shape_slots])           # (K,)
-    shape_pos, shape_gt, _ = last_writer(shape_keys, assign.gt.repeat(len(shape_slots)))
+    """Which slots train, on which object: the release's per-object writes, all at once.
+    An object trains two slots at its cell: the positive one (`slot`: its anchor's, or the
+    anchor-free one if that fits better) learns box, objectness and class; its anchor's slot (and,
+    guided, the anchor-free one) learns the guided shape. A later object takes a slot written twice
+    (last_writer). Flat index of slot s at cell (j, i) of image b: ((b * S + s) * H + j) * W + i.
+    Example (stride 8, 32 x 32 cells, S = 4): objects 0 (20 x 20) and 1 (18 x 24) in cell (i, j) =
+    (12, 7), both matched best by anchor (16, 30), slot 1 (index (1 * 32 + 7) * 32 + 12 = 1260; free
+    slot 3: 3308). Positive writes 1260 <- 0, 1: one positive, object 1's. Shape writes 1260 <- 0, 1
+    and 3308 <- 0, 1: both learn object 1's shape. (With different anchors both would be positive.)"""
+    (H, W), flat = grid, lambda slot: ((assign.image * n_slots + slot) * H + assign.j) * W + assign.i
+    pos, pos_gt, pos_of = last_writer(flat(assign.slot), assign.gt)           # the positive slots
+    shape_slots = [assign.anchor_slot] + ([torch.full_like(assign.slot, FREE_SLOT)] if guided else [])
+    shape_pos, shape_gt, _ = last_writer(torch.cat([flat(s) for s in shape_slots]),
+                                         assign.gt.repeat(len(shape_slots)))  # (K,) slots learning shapes
+    # a positive slot is a shape slot too; its IoU target is the box last written there as a shape
     pos_box_gt = shape_gt[torch.searchsorted(shape_pos, pos)]                 # (P,)
     return SlotTargets(pos, pos_gt, pos_box_gt, pos_of, shape_pos, shape_gt)
 
@@ -222,8 +233,7 @@ def ignore_mask(level: Level, gt: GroundTruth, ignore_thre: float) -> Tensor:
     B, S, _, H, W = level.pred.shape
     mask = torch.zeros(B * S * H * W, dtype=torch.bool, device=level.pred.device)
     g, j, i = ignore_candidates(gt, level.stride, (H, W), ignore_thre)        # (T,) each
-    b, s = gt.image[g, None], torch.arange(S, device=g.device)                 # (T, 1), (S,)
-    j, i = j[:, None], i[:, None]                                              # (T, 1)
+    b, s, j, i = gt.image[g, None], torch.arange(S, device=g.device), j[:, None], i[:, None]  # (T, 1), (S,)
     with torch.no_grad():
         iou = iou_cxcywh(level.boxes(b, s, j, i), gt.box[g, None])             # (T, S)
     flat = ((b * S + s) * H + j) * W + i                                       # (T, S)
@@ -255,7 +265,6 @@ def adjacent_ignore(assign: dict[int, LevelAssignment], gt: GroundTruth, batch: 
 
 # ---------------------------------------------------------------------------------------------
 # Loss terms (each a sum over elements; level_loss divides by the batch size)
-# ---------------------------------------------------------------------------------------------
 def box_weight(wh: Tensor, image_area: float) -> Tensor:
     """The release's tgt_scale = 2 - w*h / image area (small boxes count up to twice; w*h capped)."""
     return 2 - (wh[:, 0] * wh[:, 1]).clamp(max=image_area) / image_area
@@ -310,7 +319,6 @@ def class_targets(pos_cls: Tensor, obj_cls: Tensor, pos_of: Tensor, num_classes:
 
 # ---------------------------------------------------------------------------------------------
 # One level, then the whole objective
-# ---------------------------------------------------------------------------------------------
 def level_loss(level: Level, gt: GroundTruth, assign: LevelAssignment, st: SlotTargets, ignored: Tensor, *,
                iou_loss: bool, shape_loss: bool, iou_form: str, label_smooth: bool) -> dict[str, Tensor]:
     """The six terms of one level, each a sum divided by the batch size; ignored (B, S, H, W)."""
@@ -321,8 +329,7 @@ def level_loss(level: Level, gt: GroundTruth, assign: LevelAssignment, st: SlotT
     box = gt.box[st.pos_gt]                                                    # (P, 4)
     cell = torch.stack([i, j], dim=1).to(box)                                  # (P, 2)
     weight = box_weight(box[:, 2:], H * W * level.stride ** 2)                 # (P,)
-    zero = level.pred.new_zeros(())
-    terms = {"anchor": zero, "iou": zero,
+    terms = {"anchor": level.pred.new_zeros(()), "iou": level.pred.new_zeros(()),
              "xy": offset_loss(rows[:, :2], (box[:, :2] / level.stride - cell).clamp(0, 1), weight),
              "wh": size_loss(rows[:, 2:4], pos_anchor, box[:, 2:], weight)}
     if shape_loss:                       # both the anchor slot and the free slot learn the shape
@@ -369,15 +376,12 @@ def compute_loss(outputs: dict, targets, model, iou_loss: bool | None = None, io
         terms["l1"] = terms["xy"] + terms["wh"]
         terms["total"] = terms["anchor"] + terms["iou"] + terms["l1"] + terms["obj"] + terms["cls"]
         losses.update({f"{k}_s{s}": v for k, v in terms.items()})
-    for k in ("total", "anchor", "iou", "l1", "xy", "wh", "obj", "cls"):
-        losses[k] = sum(losses[f"{k}_s{s}"] for s in STRIDES)
-    losses["dropped"] = gt.dropped
-    return losses
+    losses.update({k: sum(losses[f"{k}_s{s}"] for s in STRIDES) for k in TERMS + ("xy", "wh")})
+    return {**losses, "dropped": gt.dropped}
 
 
 # ---------------------------------------------------------------------------------------------
 # `python loss.py`: each term on a hand-made case (its speed: python tests/bench.py loss)
-# ---------------------------------------------------------------------------------------------
 DEMO_OBJECTS = (   # [class, cx, cy, w, h, mix] in a 64 x 64 input; centres mid-cell at stride 8
     (0, 12, 12, 12, 14, 1.0),     # nearest anchor (10, 13)
     (1, 36, 20, 18, 28, 1.0),     # nearest anchor (16, 30)
@@ -393,8 +397,7 @@ def _demo_assignment(gt: GroundTruth, assign: LevelAssignment, anchors: Tensor) 
         line = f"{k:>6}  {cls:>5}  {str(tuple(map(int, box))):<20}{str(tuple(map(int, anchors[best]))):<13}"
         rows = (assign.gt == k).nonzero().flatten().tolist()
         if not rows:
-            stride = next(s for s, mask in ANCHOR_MASKS.items() if best in mask)
-            print(f"{line}its level is stride {stride}: background here")
+            print(f"{line}its anchor is on another level: background here")
             continue
         r = rows[0]
         takeover = "  (the anchor-free slot takes it)" if assign.slot[r] == FREE_SLOT else ""
@@ -405,9 +408,8 @@ def _demo_assignment(gt: GroundTruth, assign: LevelAssignment, anchors: Tensor) 
 def _demo() -> dict[str, tuple[float, float]]:
     """level_loss at stride 8 for DEMO_OBJECTS, the head predicting zeros, each term beside its sum
     by hand from the assignment table; returns {term: (value, by hand)} (tests/test_loss.py)."""
-    stride, size, C = 8, 64, 3
-    H = W = size // stride
-    anchors = torch.tensor(RELEASED_ANCHORS, dtype=torch.float32)                 # (9, 2)
+    (stride, size, C), H = (8, 64, 3), 64 // 8
+    W, anchors = H, torch.tensor(RELEASED_ANCHORS, dtype=torch.float32)           # (9, 2)
     free = anchors.new_full((1, 2), FREE_SLOT_SCALE * stride)                    # the anchor-free slot
     sizes = torch.cat([anchors[list(ANCHOR_MASKS[stride])], free])                # (4, 2)
     level = Level(stride, torch.zeros(1, 4, 5 + C, H, W), torch.zeros(1, 4, 2, H, W), sizes)
@@ -415,23 +417,22 @@ def _demo() -> dict[str, tuple[float, float]]:
     assign = assign_targets(gt, anchors, {stride: level})[stride]
     st = slot_targets(assign, 4, (H, W), guided=True)
     ignored = ignore_mask(level, gt, 0.7)                                         # (1, 4, H, W)
-    terms = level_loss(level, gt, assign, st, ignored, iou_loss=True, shape_loss=True,
-                       iou_form="1-iou^2", label_smooth=True)
-    print(f"One {size} x {size} image, {C} classes, the stride-{stride} level: {H} x {W} cells x 4 "
-          f"slots (anchors {sizes[:3].int().tolist()}, the anchor-free slot {sizes[3].int().tolist()})."
-          "\nThe head predicts 0: each box is its slot's anchor centred in its cell, each probability 0.5.\n")
+    terms = level_loss(level, gt, assign, st, ignored, iou_loss=True, shape_loss=True, iou_form="1-iou^2",
+                       label_smooth=True)
+    print(f"One {size} x {size} image, {C} classes, stride {stride}: {H} x {W} cells x 4 slots (anchors "
+          f"{sizes[:3].int().tolist()}, anchor-free {sizes[3].int().tolist()}).\nThe head predicts 0: each "
+          "box is its slot's anchor centred in its cell, each probability 0.5.\n")
     _demo_assignment(gt, assign, anchors)
     P, n_ignored = len(st.pos), int(ignored.flatten().index_fill(0, st.pos, False).sum())
     print(f"\n{P} positive slots, {n_ignored} ignored (decoded box IoU > 0.7 with an object: no "
           f"objectness loss), {4 * H * W - P - n_ignored} negatives.\n")
     box = gt.box[assign.gt]                                                       # (n, 4)
-    w = 2 - box[:, 2] * box[:, 3] / size ** 2             # box_weight: small boxes count more
+    w, ln2 = 2 - box[:, 2] * box[:, 3] / size ** 2, math.log(2)  # w: box_weight, small boxes count more
     pos_iou = torch.where(assign.slot == FREE_SLOT, assign.free_iou, assign.best_iou)  # (n,)
-    ln2 = math.log(2)
     wh_hand = w[:, None] * torch.log(box[:, 2:] / sizes[assign.slot]).abs()      # (n, 2)
     by_hand = {  # term: (the sum by hand, of what)
-        "anchor": ((2 - assign.best_iou ** 2 - assign.free_iou ** 2).sum(), "1 - IoU^2 of the "
-                   "guided shape at the anchor slot, + the same at the free slot"),
+        "anchor": ((2 - assign.best_iou ** 2 - assign.free_iou ** 2).sum(), "1 - IoU^2 of the guided shape"
+                   " at the anchor slot, + the same at the free slot"),
         "iou": ((w * (1 - pos_iou ** 2)).sum(), "w_box (1 - IoU^2) of the decoded box (centred)"),
         "xy": (w.sum() * 2 * ln2, "w_box BCE(0, 0.5) = w_box ln 2 for x and y (centres mid-cell)"),
         "wh": (wh_hand.sum(), "w_box |0 - log(w / anchor w)| + the same for h"),

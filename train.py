@@ -1,179 +1,156 @@
-"""Training - paper Sec. 3.4 (SGD, cosine learning rate, random input shapes, a pretrained
-backbone) with the bag of freebies of Sec. 3.1 (mixup, synchronized BatchNorm), as one script;
-`python train.py -h` shows the flags and examples, the README the paper's runs (Tables 1-4).
+"""Training - paper Sec. 3.4, top to bottom like a lab notebook.
 
-Per iteration (train_step): the iteration's random input size (the same on every rank), forward,
-loss.compute_loss, the loss terms averaged over ranks, backward, SGD step, EMA; a non-finite
-loss, gradient or weight stops the run before anything is saved. Per epoch (train_one_epoch):
-the mixup switch and the DropBlock schedule; evaluation every --eval-every epochs; last.pt and
-best.pt. Defaults: the paper where it is explicit, the release (docs/released-code.md) where it
-is silent, a flag for each other choice; every epoch count is a fraction of --epochs. Without
---data the CPU demo's settings (DEMO) replace the defaults.
-
-Run folder (--out): last.pt (each epoch, at the end, on SIGTERM / SIGINT), best.pt (best AP),
-log.jsonl, metrics.json (AP ... APl in [0, 1], time, images/s), figure3_demo.png, curves.png
-(write_curves: the loss terms, lr and AP of log.jsonl; `--plot RUN_DIR` redraws it). Checkpoints
-hold tensors and plain Python (weights_only=True): model, optimizer, scaler, ema, Progress's
-fields, config, world_size, rng (per rank), and model_args (the Detector's arguments),
-eval_size, class_names and cat_ids, which evaluate.py reads.
+Sec. 3.4: SGD (momentum 0.9, weight decay 5e-4: param_groups), 300 epochs, a linear warm-up and
+a cosine from lr 0.001 to 0.00001 at 4 GPUs x 16 images (lr_at), random input sizes 320..608 by 32
+(size_at), mixup but for the last 30 epochs (mixup_on); Sec. 3.1's freebies: mixup, synchronized
+BatchNorm, ASFF*'s DropBlock (dropblock_at). Defaults: the paper where it is explicit, the release
+(docs/released-code.md) where it is silent. Then train_step (lr, step and EMA in one place) and
+main's sections: 1 distributed set-up and seeds, 2 the data, 3 the model, EMA, optimizer, AMP,
+SyncBN and DDP, 4 resume, 5 the loop, 6 the end (metrics.json, Figure 3, curves.png).
+Checkpoints (last.pt, best.pt) hold no RNG state: every draw is a function of seed, rank, epoch,
+index or iteration, so a resume is exact. Exit status: 0 done, 1 a non-finite step (nothing
+saved), 2 a bad flag or file (one line), 128 + N stopped by signal N (last.pt saved).
 """
 
+import argparse
 import copy
 import dataclasses
 import json
 import math
 import os
-import random
 import resource
 import signal
 import sys
-import textwrap
 import time
+from collections import namedtuple
 from contextlib import nullcontext
-from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from PIL import Image, ImageDraw
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 import data
 import evaluate
 from darknet import read_darknet_weights
-from evaluate import opt
 from head import Detector, load_released
-from loss import IOU_FORMS, compute_loss
+from loss import IOU_FORMS, TERMS, compute_loss
 
 
-@dataclass
+def checked(kind=float, low=0.0, high=math.inf, multiple=None, none=False):
+    """An argparse type: kind(text) within [low, high] (a multiple of `multiple`; "none" -> None
+    where allowed). A bad value ends in argparse's one-line error naming the flag."""
+    def convert(text: str):
+        if none and text == "none":
+            return None
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text}: not a {kind.__name__}") from None
+        if multiple and value % multiple:
+            raise argparse.ArgumentTypeError(f"{text}: a multiple of {multiple} (the coarsest stride)")
+        if not low <= value <= high:                                           # NaN fails too
+            raise argparse.ArgumentTypeError(f"{text}: {low} or more" if high == math.inf else
+                                             f"{text}: {low} to {high}")
+        return value
+    return convert
+
+def flag(default, help: str, **keywords):
+    """A Config field: its default, its one-line --help and other add_argument keywords."""
+    return dataclasses.field(default=default, metadata=dict(help=help, **keywords))
+
+
+COUNT, NATURAL, POSITIVE, FRACTION = checked(int, 1), checked(int, 0), checked(), checked(high=1.0)
+SIZE = checked(int, 32, multiple=32)
+
+@dataclasses.dataclass
 class Config:
-    """The paper's hyper-parameters (Sec. 3.4) and the run's settings; the command line is made
-    from it (evaluate.dataclass_parser), a checkpoint saves it as a dict."""
     # where things are
-    data: str = opt("", "COCO root with train2017/, val2017/, annotations/; empty: the synthetic set")
-    out: str = opt("runs/asff", "run folder: last.pt, best.pt, log.jsonl, metrics.json, picture; "
-                                "with --resume the checkpoint's folder unless given")
-    resume: str = opt("", "a last.pt to continue exactly, with its settings (flags given must "
-                          "agree, but for --out, --max-iters and the run's flags below)")
-    backbone: str = opt("", "pretrained DarkNet-53 (Sec. 3.4): darknet53.conv.74 or the release's "
-                            "darknet53_feature_mx.pth; empty: MSRA init everywhere")
-    weights: str = opt("", "start a new run from a whole detector: our checkpoint, a released "
-                           ".pth or darknet's yolov3.weights, any class count (fine-tuning; "
-                           "--resume continues a run instead)")
-    train_images: str = opt("", "a custom COCO-format set instead of --data: training images")
-    train_ann: str = opt("", "... its training annotation JSON (any categories)")
-    val_images: str = opt("", "... validation images")
-    val_ann: str = opt("", "... validation annotation JSON (the same categories)")
-    synthetic_train: int = opt(1024, "images in the synthetic training set (data.make_synthetic)")
-    synthetic_val: int = opt(64, "images in the synthetic validation set")
-    # the model (Tables 1-4)
-    fusion: str | None = opt("asff", "Table 3's fusion", choices=(None, "sum", "concat", "asff"))
-    guided: bool = opt(True, "guided anchoring + anchor-free slot (Sec. 3.1, Table 1 'GA')")
-    spp: bool = opt(True, "SPP at stride 32 (in the release's strong baseline)")
-    rfb: bool = opt(False, "RFB in the heads (ASFF*, Table 4)")
-    dropblock: bool = opt(False, "DropBlock in the pyramid (ASFF*, Table 4; schedule: DROPBLOCK)")
-    width: float = opt(1.0, "channel multiplier (1 = the paper's DarkNet-53)")
-    depth: float = opt(1.0, "residual-unit multiplier (1 = the paper's DarkNet-53)")
-    anchors: str = opt("auto", "released: ninth anchor (121, 240), what every released darknet "
-                               "model was trained with; yolov3: YOLOv3's (373, 326); auto: "
-                               "released with guided anchoring, yolov3 without",
-                       choices=("auto", "released", "yolov3"))
-    # the loss (Tables 1-2)
-    iou_loss: bool | None = opt(None, "IoU losses (Table 1); none: on with guided anchoring")
-    iou_form: str = opt("1-iou^2", "IoU loss form: 1-iou^2 (released), -ln(iou) (UnitBox, the "
-                                   "paper's citation) or 1-iou", choices=IOU_FORMS)
-    ignore_thre: float = opt(0.7, "YOLOv3's ignore threshold (release cfg IGNORETHRE)")
-    ignore_ratio: float | None = opt(None, "adjacent-level ignore area (Table 2: 0.2 best); "
-                                           "none: off, as released")
-    label_smooth: bool = opt(True, "the release's label smoothing (not in the paper)")
-    # data
-    mixup: bool = opt(True, "mixup (Sec. 3.1 bag of freebies)")
-    augment: bool = opt(True, "the release's colour, zoom-out, crop, flip and affine steps")
-    include_crowd: bool = opt(False, "train on COCO's crowd boxes too (the release does)")
-    mixup_off: float = opt(30 / 300, "fraction of the epochs, at the end, without mixup "
-                                     "(Sec. 3.4: the last 30 of 300)")
-    size_min: int = opt(320, "smallest random input size, a multiple of 32 (Sec. 3.4: 320)")
-    size_max: int = opt(608, "largest random input size, a multiple of 32 (Sec. 3.4: 608)")
-    size_every: int = opt(10, "iterations per random size (release; the paper: every batch)")
-    fixed_size_last: float = opt(0.0, "fraction of the epochs, at the end, at --size-max only "
-                                      "(release: the last 10 of 300); 0: random to the end")
-    eval_size: int = opt(608, "test size, a multiple of 32 (Table 3: 608)")
-    nms: float = opt(0.6, "NMS IoU of the periodic evaluation (Sec. 3.4: 0.6; release: 0.65)")
+    data: str = flag("", "COCO root with train2017/, val2017/, annotations/; empty: the synthetic set")
+    out: str = flag("runs/asff", "run folder (with --resume: the checkpoint's folder unless given)")
+    resume: str = flag("", "a run's last.pt (or folder) to continue exactly; other flags must agree")
+    backbone: str = flag("", "pretrained DarkNet-53 (Sec. 3.4): darknet53.conv.74 / darknet53_feature_mx.pth")
+    weights: str = flag("", "start from a whole detector (ours, a released .pth, yolov3.weights)")
+    train_images: str = flag("", "a COCO-format set of your own instead of --data: training images")
+    train_ann: str = flag("", "... its training annotation JSON (any categories)")
+    val_images: str = flag("", "... validation images")
+    val_ann: str = flag("", "... validation annotation JSON (the same categories)")
+    synthetic_train: int = flag(1024, "images in the synthetic training set", type=COUNT)
+    synthetic_val: int = flag(64, "images in the synthetic validation set", type=COUNT)
+    # the model (Sec. 3.1-3.3, Tables 1-4)
+    fusion: str | None = flag("asff", "Table 3", type=lambda t: None if t == "none" else t,
+                              choices=(None, "sum", "concat", "asff"), metavar="{none,sum,concat,asff}")
+    guided: bool = flag(True, "guided anchoring + anchor-free slot (Sec. 3.1, Table 1 'GA')")
+    spp: bool = flag(True, "SPP at stride 32 (the release's strong baseline)")
+    rfb: bool = flag(False, "RFB in the heads (ASFF*, Table 4)")
+    dropblock: bool = flag(False, "DropBlock in the pyramid (ASFF*, Table 4; schedule: DROPBLOCK)")
+    width: float = flag(1.0, "channel multiplier (1: the paper's DarkNet-53)", type=POSITIVE)
+    depth: float = flag(1.0, "residual-unit multiplier (1: the paper's DarkNet-53)", type=POSITIVE)
+    anchors: str = flag("auto", "ninth anchor: released if guided", choices=("auto", "released", "yolov3"))
+    # the loss (Sec. 3.1, Tables 1-2)
+    iou_loss: bool | None = flag(None, "IoU losses (Table 1); none: on with guided anchoring", type=bool)
+    iou_form: str = flag("1-iou^2", "1-iou^2 (released), -ln(iou) (UnitBox) or 1-iou", choices=IOU_FORMS)
+    ignore_thre: float = flag(0.7, "YOLOv3's ignore threshold (release cfg IGNORETHRE)", type=FRACTION)
+    ignore_ratio: float | None = flag(None, "ignore area, Table 2 (0.2); none: off",
+                                      type=checked(high=1.0, none=True))
+    label_smooth: bool = flag(True, "the release's label smoothing (not in the paper)")
+    # data (Sec. 3.1 bag of freebies, Sec. 3.4 random shapes)
+    mixup: bool = flag(True, "mixup (Sec. 3.1)")
+    augment: bool = flag(True, "the release's colour, zoom-out, crop, flip and affine steps")
+    include_crowd: bool = flag(False, "train on COCO's crowd boxes too (the release does)")
+    mixup_off: float = flag(30 / 300, "last part of the epochs without mixup (Sec. 3.4: 0.1)", type=FRACTION)
+    size_min: int = flag(320, "smallest random input size (Sec. 3.4: 320)", type=SIZE)
+    size_max: int = flag(608, "largest random input size (Sec. 3.4: 608)", type=SIZE)
+    size_every: int = flag(10, "iterations per random size (release; the paper: every batch)", type=COUNT)
+    fixed_size_last: float = flag(0.0, "last part of the epochs at --size-max (release: 1/30)", type=FRACTION)
+    eval_size: int = flag(608, "test size (Table 3: 608)", type=SIZE)
+    nms: float = flag(0.6, "NMS IoU of the evaluations (Sec. 3.4: 0.6; release: 0.65)", type=FRACTION)
     # optimisation (Sec. 3.4)
-    epochs: int = opt(300, "Sec. 3.4: 300 epochs")
-    batch_size: int = opt(16, "images per process and micro-batch (Sec. 3.4: 4 GPUs x 16)")
-    accumulate: int = opt(1, "micro-batches per optimizer step")
-    lr: float = opt(1e-3, "learning rate per 64 images, scaled linearly with the total batch "
-                          "(Sec. 3.4: 0.001 at 4 x 16)")
-    min_lr: float = opt(1e-5, "end of the cosine, per 64 images (Sec. 3.4: 0.00001)")
-    scale_lr: bool = opt(True, "scale lr and min_lr by total batch / 64 (off: the release's flat "
-                               "1e-3 whatever the batch)")
-    schedule: str = opt("paper", "paper: linear warm-up, then cosine per iteration to the end; "
-                                 "released: (it/W)^4 over 5/300, flat to 20/300, cosine per "
-                                 "epoch to 270/300, then min_lr (--warmup ignored)",
-                        choices=("paper", "released"))
-    warmup: float = opt(4 / 300, "fraction of the iterations in linear warm-up (Sec. 3.4: 4 of "
-                                 "300 epochs)")
-    momentum: float = opt(0.9, "SGD momentum (Sec. 3.4)")
-    weight_decay: float = opt(5e-4, "on conv weights only (Sec. 3.4: 0.0005)")
-    decay_all: bool = opt(False, "weight decay on every parameter, BatchNorm and biases too (as "
-                                 "released; its --nowd is ours)")
-    clip_grad: float = opt(0.0, "clip the gradient norm to this (not in the paper or release); 0: off")
-    ema: float = opt(0.0, "EMA decay of the weights, e.g. 0.9998 (not in the paper); 0: off")
-    amp: str = opt("auto", "mixed precision; auto: bf16 on a GPU that has it, else fp16 with a "
-                           "GradScaler; none on CPU", choices=("auto", "none", "bf16", "fp16"))
-    freeze_bn: bool = opt(False, "BatchNorm in eval mode: fixed statistics (tiny batches)")
-    channels_last: bool = opt(True, "NHWC tensors for the convolutions: faster on CPUs (oneDNN) "
-                                    "and on GPUs (tensor cores); the same function")
-    compile: bool = opt(False, "torch.compile the model's forward (the first steps are slow; a "
-                               "CPU needs a C++ compiler)")
+    epochs: int = flag(300, "Sec. 3.4: 300 epochs", type=COUNT)
+    batch_size: int = flag(16, "images per process and micro-batch (Sec. 3.4: 4 GPUs x 16)", type=COUNT)
+    accumulate: int = flag(1, "micro-batches per optimizer step", type=COUNT)
+    lr: float = flag(1e-3, "lr per 64 images, scaled by total batch / 64 (Sec. 3.4: 0.001)", type=POSITIVE)
+    min_lr: float = flag(1e-5, "end of the cosine per 64 images (Sec. 3.4: 0.00001)", type=POSITIVE)
+    scale_lr: bool = flag(True, "scale lr and min_lr by total batch / 64 (off: the release's flat 1e-3)")
+    schedule: str = flag("paper", "paper; released: released_lr", choices=("paper", "released"))
+    warmup: float = flag(4 / 300, "part of the iterations in warm-up (Sec. 3.4: 4/300)", type=FRACTION)
+    momentum: float = flag(0.9, "SGD momentum (Sec. 3.4)", type=FRACTION)
+    weight_decay: float = flag(5e-4, "on conv weights only (Sec. 3.4: 0.0005)", type=POSITIVE)
+    decay_all: bool = flag(False, "weight decay on BatchNorm and biases too (as released)")
+    clip_grad: float = flag(0.0, "clip the gradient norm (not in the paper); 0: off", type=POSITIVE)
+    ema: float = flag(0.0, "EMA decay, e.g. 0.9998 (YOLOX, not in the paper); 0: off", type=FRACTION)
+    amp: str = flag("auto", "GPU mixed precision: amp_dtype_for", choices=("auto", "none", "bf16", "fp16"))
+    freeze_bn: bool = flag(False, "BatchNorm in eval mode: fixed statistics (tiny batches)")
+    channels_last: bool = flag(True, "NHWC tensors: faster on CPUs (oneDNN) and tensor cores")
+    compile: bool = flag(False, "torch.compile the model (slow first steps)")
     # the run
-    workers: int = opt(4, "DataLoader worker processes per rank")
-    threads: int = opt(0, "torch CPU threads per process (0: torch's choice, one per core; on a "
-                          "machine shared with other jobs, fewer threads than cores is faster)")
-    seed: int = opt(0, "seeds the init, the data order and draws, and the random sizes")
-    log_every: int = opt(10, "iterations between progress lines (release: 10)")
-    eval_every: int = opt(10, "epochs between evaluations (release: 10)")
-    max_iters: int = opt(0, "stop after this many iterations, schedule unchanged (0: no limit)")
-    exist_ok: bool = opt(False, "a new run may replace the run in --out (its files are removed)")
-    debug: bool = opt(False, "a user error shows its traceback too (as ASFF_DEBUG=1)")
-    plot: str = opt("", "only draw RUN_DIR/curves.png from its log.jsonl (no training)",
-                    metavar="RUN_DIR")
+    workers: int = flag(4, "DataLoader worker processes per rank", type=NATURAL)
+    threads: int = flag(0, "torch CPU threads per process (0: torch's choice)", type=NATURAL)
+    seed: int = flag(0, "seeds the init, the data order and draws, the sizes", type=NATURAL)
+    log_every: int = flag(10, "iterations between progress lines (release: 10)", type=COUNT)
+    eval_every: int = flag(10, "epochs between evaluations (release: 10)", type=COUNT)
+    max_iters: int = flag(0, "stop after this many iterations, schedule unchanged; 0: no limit", type=NATURAL)
+    exist_ok: bool = flag(False, "a new run may replace the run in --out (its files are removed)")
+    debug: bool = flag(False, "a user error shows its traceback too (as ASFF_DEBUG=1)")
+    plot: str = flag("", "only draw RUN_DIR/curves.png from its log.jsonl", metavar="RUN_DIR")
 
-
-
-# The CPU demo (no --data): a small ASFF trained from scratch on data.make_synthetic's shapes,
-# 1,152 steps of 16 images (18 epochs of 1,024) at 128-192 px (README, "Two commands", for its
-# time and AP).
-# It departs from the recipe where 10 minutes demand it: no pretrained backbone, so a larger lr;
-# the loss (summed over cells, divided by the batch) starts with a gradient norm of ~6000,
-# which diverges without the release's slow (it/W)^4 warm-up unless the norm is clipped; no
-# mixup and no augmentation (each doubles the steps needed here), the 1024 distinct images of
-# synthetic_train's default instead; small inputs (the synthetic images are 192 px); and no
-# label smoothing: the release's targets 1 - 1/C and 1/C are 0.9875 / 0.0125 for COCO's 80
-# classes but 0.8 / 0.2 for these 5, which cost 0.11 AP here (README, "The demo's settings").
+# The CPU demo (no data set given): a small ASFF from scratch on data.make_synthetic's shapes, 18
+# epochs of 1,024 images at 128-192 px; docs/measurements.md says why each value departs.
 DEMO = dict(out="runs/demo", width=0.25, depth=0.33, epochs=18, batch_size=16,
             lr=8e-2, min_lr=4e-4, warmup=0.05, clip_grad=10.0, mixup=False, augment=False,
             label_smooth=False, size_min=128, size_max=192, eval_size=192, workers=0, eval_every=5)
-
-# ASFF* DropBlock schedule as released (docs/released-code.md, DropBlock schedule), epochs as
-# fractions of the schedule: off before 5/300, then block sizes per stride with keep 0.9.
+# ASFF*'s DropBlock as released (docs/released-code.md): from these parts of the epochs on, block
+# sizes per stride with keep probability DROPBLOCK_KEEP.
 DROPBLOCK = ((5 / 300, {32: 1, 16: 3, 8: 5}), (80 / 300, {32: 3, 16: 5, 8: 7}),
              (150 / 300, {32: 7, 16: 7, 8: 7}))
 DROPBLOCK_KEEP = 0.9
-TERMS = ("total", "anchor", "iou", "l1", "obj", "cls")             # what the progress line shows
+ARCHITECTURE = ("fusion", "guided", "spp", "rfb", "dropblock", "width", "depth", "anchors")
 
-
-# ---------------------------------------------------------------------------------------------
-# The schedule (Sec. 3.4), as functions of the iteration or epoch (the tests check them)
-# ---------------------------------------------------------------------------------------------
+# --- The schedule (Sec. 3.4), functions of the iteration or epoch -------------------------------
 def lr_at(cfg: Config, iteration: int, total_iters: int, world: int) -> float:
-    """Linear warm-up to lr * total_batch / 64, then cosine to min_lr * total_batch / 64
-    (scale_lr off: lr and min_lr as given; schedule "released": released_lr)."""
+    """Linear warm-up to lr * total_batch / 64, then cosine to min_lr * total_batch / 64."""
     scale = cfg.batch_size * cfg.accumulate * world / 64 if cfg.scale_lr else 1.0
     base, final = cfg.lr * scale, cfg.min_lr * scale               # Sec. 3.4: 1e-3 at 4 x 16
     if cfg.schedule == "released":
@@ -184,994 +161,493 @@ def lr_at(cfg: Config, iteration: int, total_iters: int, world: int) -> float:
     t = (iteration - warm) / max(total_iters - 1 - warm, 1)       # 0 -> 1 over the cosine
     return final + 0.5 * (base - final) * (1 + math.cos(math.pi * min(t, 1.0)))
 
-
 def released_lr(cfg: Config, iteration: int, total_iters: int, base: float, final: float) -> float:
-    """The release's schedule (docs/released-code.md, schedule), epochs as fractions of cfg.epochs:
-    base * (it / W)^4 over the first 5/300 (W iterations), base until epoch 20/300, then a
-    cosine stepped once per epoch that reaches `final` at epoch 270/300 and stays there."""
+    """The release's: base * (it / W)^4 to 5/300 of the epochs, flat to 20/300, cosine to 270/300."""
     per_epoch = total_iters / cfg.epochs
-    burn_in = round(5 / 300 * cfg.epochs) * per_epoch
-    if iteration < burn_in:
+    if iteration < (burn_in := round(5 / 300 * cfg.epochs) * per_epoch):
         return base * (iteration / burn_in) ** 4
-    epoch = int(iteration // per_epoch)
     flat, end = round(20 / 300 * cfg.epochs), round(270 / 300 * cfg.epochs)
-    t = min(max(epoch - flat, 0) / max(end - flat, 1), 1.0)       # 0 -> 1 over the cosine
+    t = min(max(int(iteration // per_epoch) - flat, 0) / max(end - flat, 1), 1.0)   # 0 -> 1, per epoch
     return final + 0.5 * (base - final) * (1 + math.cos(math.pi * t))
 
-
 def size_at(cfg: Config, iteration: int, epoch: int) -> int:
-    """Sec. 3.4 random shapes (the same on every rank: data.random_size depends on the seed and
-    the iteration only); the last fixed_size_last of the epochs at size_max, as released."""
+    """Sec. 3.4's random shapes (the same on every rank); at the end fixed_size_last at size_max."""
     if epoch >= cfg.epochs - round(cfg.fixed_size_last * cfg.epochs):
         return cfg.size_max
-    return data.random_size(cfg.seed, iteration, cfg.size_every,
-                            range(cfg.size_min, cfg.size_max + 1, 32))
-
+    return data.random_size(cfg.seed, iteration, cfg.size_every, range(cfg.size_min, cfg.size_max + 1, 32))
 
 def mixup_on(cfg: Config, epoch: int) -> bool:
-    """Sec. 3.4: mixup for all but the last mixup_off fraction of the epochs."""
+    """Sec. 3.4: mixup for all but the last mixup_off part of the epochs."""
     return cfg.mixup and epoch < cfg.epochs - round(cfg.mixup_off * cfg.epochs)
 
-
 def dropblock_at(cfg: Config, epoch: int) -> tuple[dict[int, int], float]:
-    """ASFF*'s DropBlock (block size per stride, keep probability) in this epoch."""
-    sizes, keep = {32: 1, 16: 1, 8: 1}, 1.0
-    for start, block_sizes in DROPBLOCK:
-        if epoch >= round(start * cfg.epochs):
-            sizes, keep = block_sizes, DROPBLOCK_KEEP
-    return sizes, keep
-
+    """ASFF*'s DropBlock in this epoch: (block size per stride, keep probability)."""
+    started = [sizes for start, sizes in DROPBLOCK if epoch >= round(start * cfg.epochs)]
+    return (started[-1], DROPBLOCK_KEEP) if started else ({32: 1, 16: 1, 8: 1}, 1.0)
 
 def evaluation_due(cfg: Config, epoch: int) -> bool:
     """After `epoch` whole epochs: every --eval-every epochs and at the end."""
     return epoch % cfg.eval_every == 0 or epoch == cfg.epochs
 
-
 def param_groups(model: torch.nn.Module, weight_decay: float, decay_all: bool = False) -> list[dict]:
-    """Weight decay on conv weights (4-D) only; BatchNorm weights and all biases take none
-    (decay_all: on everything, the release's default)."""
+    """Weight decay on conv weights (4-D) only (decay_all: on everything, as released)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    if decay_all:
-        return [{"params": params, "weight_decay": weight_decay}]
-    return [{"params": [p for p in params if p.ndim == 4], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.ndim != 4], "weight_decay": 0.0}]
+    return [{"params": params, "weight_decay": weight_decay}] if decay_all else [
+        {"params": [p for p in params if p.ndim == 4], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.ndim != 4], "weight_decay": 0.0}]
 
-
-def set_train_mode(model: torch.nn.Module, freeze_bn: bool) -> None:
-    model.train()
-    if freeze_bn:
-        for m in model.modules():
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                m.eval()
-
-
-# ---------------------------------------------------------------------------------------------
-# The model: Detector, pretrained weights (Sec. 3.4), EMA, mixed precision
-# ---------------------------------------------------------------------------------------------
+# --- The model and one optimizer step -----------------------------------------------------------
 def model_args(cfg: Config, num_classes: int) -> dict:
-    """The Detector's arguments (saved in every checkpoint as model_args)."""
-    return dict(num_classes=num_classes, fusion=cfg.fusion, guided=cfg.guided, spp=cfg.spp,
-                rfb=cfg.rfb, dropblock=cfg.dropblock, width=cfg.width, depth=cfg.depth,
+    """The Detector's arguments (every checkpoint saves them as model_args)."""
+    return dict(num_classes=num_classes, **{k: getattr(cfg, k) for k in ARCHITECTURE[:-1]},
                 anchors=None if cfg.anchors == "auto" else cfg.anchors)
 
-
 def build_model(cfg: Config, num_classes: int) -> Detector:
-    """The Detector of the config (MSRA init, head.init_weights), with a pretrained backbone."""
+    """The config's Detector (MSRA init), its backbone pretrained (Sec. 3.4) if --backbone."""
     model = Detector(**model_args(cfg, num_classes))
-    if cfg.backbone.endswith((".pth", ".pt")):    # the release's DarkNet-53 (one key map)
-        state = evaluate.read_checkpoint(cfg.backbone)
-        evaluate.load_foreign(load_released, cfg.backbone, model, state, cfg.backbone)
-    elif cfg.backbone:                            # darknet's binary darknet53.conv.74
-        evaluate.load_foreign(read_darknet_weights, cfg.backbone, cfg.backbone,
-                              model.backbone.darknet_layers())
-    if cfg.weights:
-        start_from_detector(model, cfg)
+    try:
+        if cfg.backbone.endswith((".pth", ".pt")):    # the release's DarkNet-53, one key map
+            load_released(model, evaluate.read_checkpoint(cfg.backbone), cfg.backbone)
+        elif cfg.backbone:                            # darknet's binary darknet53.conv.74
+            read_darknet_weights(cfg.backbone, model.backbone.darknet_layers())
+    except (KeyError, ValueError, OSError) as e:
+        raise data.DataError(f"--backbone {cfg.backbone}: {e}") from e
     return model
 
-
-ARCHITECTURE = ("fusion", "guided", "spp", "rfb", "dropblock", "width", "depth")
-
-
-def detector_weights(cfg: Config, arch: dict) -> tuple[dict, int]:
-    """(state dict, class count) of the whole detector in cfg.weights, in our key names."""
-    path = cfg.weights
-    if path.endswith(".weights"):                 # darknet's 80-class original YOLOv3
-        source = Detector(80, **arch)
-        evaluate.load_foreign(lambda: read_darknet_weights(path, source.darknet_layers()), path)
-        return source.state_dict(), 80
-    state = evaluate.read_checkpoint(path)
-    if "model" in state and "config" in state:    # ours: the EMA weights when it kept them
-        saved = evaluate.checkpoint_config(state)
-        differ = [f"{k} (file {saved.get(k)!r}, this run {arch[k]!r})" for k in ARCHITECTURE
-                  if k in saved and saved[k] != arch[k]]
-        if differ:
-            raise data.UserError(f"{path}: another architecture than this run's: "
-                                 + ", ".join(differ) + "; give the file's flags")
-        return state["ema"] or state["model"], saved["num_classes"]
-    classes = evaluate.load_foreign(evaluate.released_config, path, state)["num_classes"]
-    source = Detector(classes, **arch)             # the authors' file, through the key map
-    evaluate.load_foreign(load_released, path, source, state, path)
-    return source.state_dict(), classes
-
-
-def start_from_detector(model: Detector, cfg: Config) -> None:
-    """--weights: every tensor of the file; the class rows of the prediction convs are
-    re-initialised when the class count differs (transfer_weights), with a report."""
-    arch = {k: getattr(cfg, k) for k in ARCHITECTURE}
-    state, classes = detector_weights(cfg, arch)
-    report = evaluate.load_foreign(transfer_weights, cfg.weights, model, state, cfg.weights)
-    fresh = report["reinitialised"]
-    print(f"--weights {cfg.weights}: loaded {len(report['loaded'])} tensors"
-          + (f"; {len(fresh)} prediction convs keep their box and objectness rows, their class "
-             f"rows are new for {model.num_classes} classes (the file has {classes})" if fresh
-             else f" (the file has the same {classes} classes)"), flush=True)
-
-
-def transfer_weights(model: Detector, state: dict[str, torch.Tensor], source: str) -> dict:
-    """Copy a state dict of `model`'s architecture, any class count: the prediction convs keep each
-    slot's [tx, ty, tw, th, obj] rows from the file and `model`'s fresh class rows; any other
-    shape difference names the key, the file and both shapes. -> {"loaded", "reinitialised": keys}"""
-    ours = model.state_dict()
-    for key in sorted(set(state) ^ set(ours)):
-        where = "only in the file" if key in state else "missing from the file"
-        raise ValueError(f"{source}: key {key} is {where}: the file holds another architecture "
-                         "(fusion, guided, SPP, RFB?)")
-    merged, report, S = {}, {"loaded": [], "reinitialised": []}, model.n_slots
-    for key, target in ours.items():
-        tensor = state[key].to(target.dtype)
-        if tensor.shape == target.shape:
-            merged[key], kind = tensor, "loaded"
-        elif key.endswith((".pred.weight", ".pred.bias")) and tensor.shape[1:] == target.shape[1:] \
-                and tensor.shape[0] % S == 0 and tensor.shape[0] // S > 5:   # only C differs
-            rows = target.clone().view(S, -1, *target.shape[1:])          # (S, 5+C_new, ...)
-            rows[:, :5] = tensor.view(S, -1, *tensor.shape[1:])[:, :5]     # box + objectness
-            merged[key], kind = rows.view_as(target), "reinitialised"
-        else:
-            raise ValueError(f"{source}: key {key} has shape {tuple(tensor.shape)}, the model "
-                             f"needs {tuple(target.shape)} (another width or depth?)")
-        report[kind].append(key)
-    model.load_state_dict(merged)
-    return report
-
+def transfer_weights(model: Detector, state: dict[str, torch.Tensor], source: str) -> list[str]:
+    """--weights of any class count: prediction convs keep [tx, ty, tw, th, obj], get new class rows."""
+    ours, S = model.state_dict(), model.n_slots
+    renewed = [k for k, v in ours.items() if k.endswith((".pred.weight", ".pred.bias")) and k in state
+               and state[k].shape != v.shape and state[k].shape[1:] == v.shape[1:]]
+    for key in renewed:
+        rows = ours[key].clone().view(S, -1, *ours[key].shape[1:])               # (S, 5 + C_new, ...)
+        rows[:, :5] = state[key].view(S, -1, *state[key].shape[1:])[:, :5]      # box + objectness
+        state = state | {key: rows.view_as(ours[key])}
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:                         # a missing, extra or mis-shaped key: the first
+        raise data.DataError(f"{source}: another architecture: {str(e).splitlines()[1].strip()[:200]}") from e
+    return renewed
 
 def amp_dtype_for(cfg: Config, device: torch.device) -> torch.dtype | None:
-    """Mixed precision: bf16 where the GPU has it, fp16 (with a GradScaler) otherwise."""
+    """bf16 from compute capability 8.0 (is_bf16_supported() counts emulation), else fp16 + scaler."""
     if device.type != "cuda" or cfg.amp == "none":
         return None
     if cfg.amp == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[cfg.amp]
 
+def set_train_mode(model: torch.nn.Module, freeze_bn: bool) -> None:
+    """Train mode; --freeze-bn keeps BatchNorm's statistics fixed (eval mode)."""
+    for m in model.train().modules():
+        if freeze_bn and isinstance(m, (torch.nn.BatchNorm2d, torch.nn.SyncBatchNorm)):
+            m.eval()
 
-@torch.no_grad()
-def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float, updates: int) -> None:
-    """e = d * e + (1 - d) * w, with d ramped up over the first few thousand steps (YOLOX)."""
-    d = decay * (1 - math.exp(-updates / 2000))
-    for e, w in zip(ema.state_dict().values(), model.state_dict().values(), strict=True):
-        if e.dtype.is_floating_point:
-            e.mul_(d).add_(w.detach(), alpha=1 - d)
-        else:
-            e.copy_(w)
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024           # Linux: KiB
 
+# What a step works on: the model, what is called (it or its DDP wrapper), SGD, AMP, the EMA copy.
+Parts = namedtuple("Parts", "model ddp optimizer scaler amp_dtype device world ema rank",
+                   defaults=(1, None, 0))
 
-# ---------------------------------------------------------------------------------------------
-# One optimizer step
-# ---------------------------------------------------------------------------------------------
-@dataclass
-class Parts:
-    """What a step works on: the model (its anchors for the loss, its weights checked), what
-    is called (the model or its DDP wrapper), the optimizer, mixed precision, the EMA copy."""
-    model: Detector
-    ddp: torch.nn.Module
-    optimizer: torch.optim.Optimizer | None
-    scaler: torch.amp.GradScaler | None
-    amp_dtype: torch.dtype | None
-    device: torch.device
-    world: int = 1                                # processes
-    ema: Detector | None = None
+class NonFinite(RuntimeError):
+    """A step gave a non-finite loss, gradient or weight (nothing of it is saved)."""
 
-
-class NonFiniteLoss(RuntimeError):
-    """A step gave a non-finite `what` (loss, gradient, weights); `detail` says which values."""
-
-    def __init__(self, what: str, detail: str):
-        super().__init__(f"non-finite {what}: {detail}")
-        self.what, self.detail = what, detail
-
-
-def term_list(terms: torch.Tensor) -> str:
-    return ", ".join(f"{t}={v:.4g}" for t, v in zip(TERMS, terms.tolist(), strict=True))
-
-
-def non_finite_weights(model: torch.nn.Module, world: int) -> list[str]:
-    """Names of the parameters and buffers that hold a non-finite value ([] on every rank when
-    none does, on any). A finite loss and gradient can still take a step that overflows the
-    weights (a huge learning rate or momentum); one fused max-abs per tensor finds that
-    (about one read of the weights per step), before the weights reach the EMA or last.pt."""
-    named = [(n, t) for n, t in (*model.named_parameters(), *model.named_buffers())
-             if t.is_floating_point()]
-    peaks = torch.stack(torch._foreach_norm([t.detach() for _, t in named], math.inf))
-    bad = (~torch.isfinite(peaks)).sum()
-    if world > 1:
-        dist.all_reduce(bad)                      # BatchNorm statistics are per rank on CPU
-    if not bad.item():
-        return []
-    names = [n for (n, _), peak in zip(named, peaks.tolist(), strict=True) if not math.isfinite(peak)]
-    return names or ["on another rank"]
-
-
-def train_step(parts: Parts, batches, size: int, cfg: Config) -> dict[str, float]:
-    """cfg.accumulate micro-batches at size x size, then one SGD step; returns the loss terms
-    averaged over ranks (and micro-batches). A non-finite loss term raises before any backward,
-    a non-finite gradient or weight after the step (before the EMA or a checkpoint sees it)."""
-    device, world, scaler, model = parts.device, parts.world, parts.scaler, parts.model
-    terms = torch.zeros(len(TERMS), device=device)
+def train_step(parts: Parts, batches, cfg: Config, iteration: int, size: int, lr: float) -> dict:
+    """lr, cfg.accumulate micro-batches at size x size, one SGD step, EMA -> loss terms, grad norm.
+    The batch reaches the device as uint8 and is normalised and resized there; the loss terms, the
+    gradient norm and the finiteness checks are read in one host synchronisation, at the end."""
+    model, scaler, world = parts.model, parts.scaler, parts.world
+    for group in parts.optimizer.param_groups:
+        group["lr"] = lr
+    torch.manual_seed(int(np.random.SeedSequence([cfg.seed, parts.rank, iteration]).generate_state(1)[0]))
+    terms = torch.zeros(len(TERMS), device=parts.device)          # DropBlock draws: from that seed
+    layout = torch.channels_last if cfg.channels_last else torch.contiguous_format
     for k in range(cfg.accumulate):
-        images, targets = next(batches)                                   # (B, 3, S0, S0)
-        images, targets = data.resize_batch(images, targets, size)         # (B, 3, size, size)
-        layout = torch.channels_last if cfg.channels_last else torch.contiguous_format
-        images = images.to(device, non_blocking=True, memory_format=layout)  # (B, 3, size, size)
-        targets = [t.to(device) for t in targets]                          # B x (N_b, 6)
-        last = k == cfg.accumulate - 1
-        with parts.ddp.no_sync() if world > 1 and not last else nullcontext():
-            with torch.autocast(device.type, parts.amp_dtype, enabled=parts.amp_dtype is not None):
+        images, targets = next(batches)                                    # uint8 (B, 3, S0, S0)
+        images, targets = data.to_input(images.to(parts.device, non_blocking=True),
+                                        [t.to(parts.device, non_blocking=True) for t in targets], size)
+        images = images.contiguous(memory_format=layout)                   # (B, 3, size, size)
+        with nullcontext() if world == 1 or k == cfg.accumulate - 1 else parts.ddp.no_sync():
+            with torch.autocast(parts.device.type, parts.amp_dtype, enabled=parts.amp_dtype is not None):
                 outputs = parts.ddp(images)                 # {stride: {"pred": (B, S, 5+C, h, w)}}
-            outputs = {s: {k_: v if v is None else v.float() for k_, v in o.items()}
-                       for s, o in outputs.items()}                        # the loss in fp32
-            losses = compute_loss(outputs, targets, model, iou_loss=cfg.iou_loss,
-                                  iou_form=cfg.iou_form, ignore_thre=cfg.ignore_thre,
-                                  ignore_ratio=cfg.ignore_ratio, label_smooth=cfg.label_smooth)
-            step_terms = torch.stack([losses[t].detach() for t in TERMS])  # (6,)
-            if world > 1:
-                dist.all_reduce(step_terms)                 # every rank sees a NaN of any rank
-                step_terms /= world
-            if not torch.isfinite(step_terms).all():
-                raise NonFiniteLoss("loss", term_list(step_terms))
+            outputs = {s: {n: v if v is None else v.float() for n, v in o.items()}  # the loss in fp32
+                       for s, o in outputs.items()}
+            losses = compute_loss(outputs, targets, model, iou_loss=cfg.iou_loss, iou_form=cfg.iou_form,
+                                  ignore_thre=cfg.ignore_thre, ignore_ratio=cfg.ignore_ratio,
+                                  label_smooth=cfg.label_smooth)
             scaler.scale(losses["total"] / cfg.accumulate).backward()
-        terms += step_terms / cfg.accumulate
+        terms += torch.stack([losses[t].detach() for t in TERMS]) / cfg.accumulate   # (6,)
     scaler.unscale_(parts.optimizer)                  # a no-op without fp16
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad or math.inf)
-    if not scaler.is_enabled() and not torch.isfinite(grad_norm):   # fp16 skips such steps
-        raise NonFiniteLoss("gradient", f"norm={grad_norm.item():.4g} (loss terms "
-                            f"{term_list(terms)})")
-    scaler.step(parts.optimizer)
+    scaler.step(parts.optimizer)                      # fp16: skipped if a gradient is not finite
     scaler.update()
     parts.optimizer.zero_grad(set_to_none=True)
-    bad = non_finite_weights(model, parts.world)
-    if bad:
-        raise NonFiniteLoss("weights", f"after the SGD step: {', '.join(bad[:3])}"
-                            f"{' ...' if len(bad) > 3 else ''} (loss terms {term_list(terms)}, "
-                            f"gradient norm {grad_norm.item():.4g})")
-    return dict(zip(TERMS, terms.tolist(), strict=True)) | {"grad_norm": grad_norm.item()}
+    finite = [t.isfinite().all() for t in model.state_dict().values() if t.is_floating_point()]
+    bad = torch.stack([~terms.isfinite().all(), ~(grad_norm.isfinite() | scaler.is_enabled()),
+                       ~torch.stack(finite).all()]).float()        # loss, gradient, weights (3,)
+    report = torch.cat([terms / world, grad_norm.detach().float()[None] / world, bad])   # (10,)
+    if world > 1:                                     # every rank sees a NaN of any rank (and the
+        dist.all_reduce(report)                       # BatchNorm statistics are per rank on CPU)
+    *values, norm, bad_loss, bad_gradient, bad_weights = report.tolist()   # the one host sync
+    if bad_loss or bad_gradient or bad_weights:       # a finite step can still overflow a weight
+        what = "loss" if bad_loss else "gradient norm" if bad_gradient else "weights after the step"
+        raise NonFinite(f"non-finite {what} ({terms_text(values)}, gradient norm {norm:.4g})")
+    if parts.ema is not None:                         # e = d * e + (1 - d) * w, d ramped up (YOLOX)
+        d = cfg.ema * (1 - math.exp(-(iteration + 1) / 2000))
+        for e, w in zip(parts.ema.state_dict().values(), model.state_dict().values(), strict=True):
+            e.mul_(d).add_(w, alpha=1 - d) if e.is_floating_point() else e.copy_(w)
+    return dict(zip(TERMS, values, strict=True)) | {"grad_norm": norm}
 
+def terms_text(values: list[float]) -> str:
+    return ", ".join(f"{t}={v:.4g}" for t, v in zip(TERMS, values, strict=True))
 
-# ---------------------------------------------------------------------------------------------
-# The data: COCO's layout, a custom COCO-format set or the synthetic shapes, checked at start
-# ---------------------------------------------------------------------------------------------
-@dataclass
-class Plan:
-    """The data of the run and its length in optimizer steps."""
-    train_data: data.CocoDetection
-    val_data: data.CocoDetection
-    train_set: data.TrainDataset                  # one augmented sample stream per (seed, epoch, index)
-    sampler: DistributedSampler                   # this rank's shard, reshuffled per epoch
-    per_step: int                                 # images per process and optimizer step
-    steps_per_epoch: int
-    total_iters: int                              # of the schedule (lr and sizes follow it)
-    planned: int                                  # this run's: --max-iters if fewer
+# --- The run: main's numbered sections ----------------------------------------------------------
+RANK = int(os.environ.get("RANK", 0))                 # torchrun's; rank 0 prints and writes
+STOP = {"signal": 0, "evaluating": False}             # set by on_signal
+POSITION = dict(iteration=0, epoch=0, batch_in_epoch=0, best_ap=-1.0, metrics={}, evaluated_at=-1)  # saved
 
+class Stopped(Exception):
+    """A signal came: last.pt is saved and the run ends with status 128 + the signal's number."""
 
-def make_plan(cfg: Config, rank: int, world: int) -> Plan:
-    """The data sets, the augmented training stream sharded by DistributedSampler, the length."""
-    train_data, val_data = open_data(cfg, world, rank == 0)
-    train_set = data.TrainDataset(train_data, size=cfg.size_max, seed=cfg.seed, mixup=cfg.mixup,
-                                  augment=cfg.augment)
-    sampler = DistributedSampler(train_set, world, rank, shuffle=True, seed=cfg.seed, drop_last=True)
-    per_step = cfg.batch_size * cfg.accumulate
-    steps_per_epoch = len(sampler) // per_step
-    total_iters = cfg.epochs * steps_per_epoch
-    return Plan(train_data, val_data, train_set, sampler, per_step, steps_per_epoch, total_iters,
-                min(total_iters, cfg.max_iters or total_iters))
+def on_signal(signum: int, frame) -> None:
+    """Stop after the step under way (at once in an evaluation); a second SIGINT ends at once."""
+    if STOP["signal"] and signum == signal.SIGINT:
+        raise SystemExit(128 + signum)
+    STOP["signal"] = STOP["signal"] or signum
+    if RANK == 0:                                     # os.write: a print may be under way
+        os.write(1, f"{signal.Signals(signum).name}: stopping, then saving last.pt ...\n".encode())
+    if STOP["evaluating"]:
+        raise Stopped
 
+def say(*args, **kwargs) -> None:
+    if RANK == 0:
+        print(*args, **kwargs, flush=True)
 
-def data_paths(cfg: Config) -> dict[str, str] | None:
-    """Image folders and JSON files: a custom COCO-format set, COCO's layout under --data, or
-    None (the synthetic set)."""
-    if cfg.train_ann:
-        return {"train_images": cfg.train_images, "train_json": cfg.train_ann,
-                "val_images": cfg.val_images, "val_json": cfg.val_ann}
-    if cfg.data:
-        root = Path(cfg.data)
-        return {f"{s}_{kind}": str(path) for s in ("train", "val") for kind, path in
-                (("images", root / f"{s}2017"), ("json", root / "annotations" / f"instances_{s}2017.json"))}
-    return None
-
-
-def open_data(cfg: Config, world: int, master: bool):
-    """(training CocoDetection, validation CocoDetection); rank 0 makes the synthetic set."""
-    paths = data_paths(cfg)
-    say(f"opening the data: {paths['train_json'] if paths else 'the synthetic set'} ...", flush=True)
-    if paths is None:
-        if world > 1 and not master:
-            dist.barrier()                                     # wait for rank 0 to write it
-        paths = data.make_synthetic(n_train=cfg.synthetic_train, n_val=cfg.synthetic_val)
-        if world > 1 and master:
-            dist.barrier()
-    train_data = data.CocoDetection(paths["train_images"], paths["train_json"], cfg.include_crowd)
-    val_data = data.CocoDetection(paths["val_images"], paths["val_json"])
-    check_data(train_data, val_data, cfg.batch_size * cfg.accumulate * world)
-    return train_data, val_data
-
-
-def check_data(train_data, val_data, per_step: int) -> None:
-    """Before any training: at least one optimizer step of training images (per_step = batch x
-    accumulate x processes), and the validation categories the training ones (class k is the
-    k-th smallest category id in both: evaluation maps classes back through the validation's)."""
-    if len(train_data) < per_step:
-        raise data.DataError(f"{train_data.ann_file}: {len(train_data)} training image(s), fewer "
-                             f"than one optimizer step takes ({per_step} = batch size x "
-                             "accumulate x processes); lower --batch-size or --accumulate")
-    train = dict(zip(train_data.cat_ids, train_data.class_names, strict=True))
-    val = dict(zip(val_data.cat_ids, val_data.class_names, strict=True))
-    if train != val:
-        only_val, only_train = sorted(val.keys() - train.keys()), sorted(train.keys() - val.keys())
-        differences = [f"only in {split}: {_category_list(names, ids)}" for split, names, ids in
-                       (("validation", val, only_val), ("training", train, only_train)) if ids]
-        differences += [f"id {i} is {val[i]!r} in validation, {train[i]!r} in training"
-                        for i in sorted(val.keys() & train.keys()) if val[i] != train[i]][:5]
-        raise data.DataError(f"{val_data.ann_file}: the categories are not those of "
-                             f"{train_data.ann_file}: {'; '.join(differences)}")
-
-
-def _category_list(names: dict, ids: list) -> str:
-    """The first five of ids with their names: 3 'cat', 7 'dog'."""
-    return ", ".join(f"{i} {names[i]!r}" for i in ids[:5]) + (" ..." if len(ids) > 5 else "")
-
-
-# ---------------------------------------------------------------------------------------------
-# The run: set-up (DDP, SyncBN), the epochs, evaluation
-# ---------------------------------------------------------------------------------------------
-@dataclass
-class Progress:
-    """Where the run stands; every checkpoint holds these fields, --resume restores them."""
-    iteration: int = 0                            # optimizer steps done
-    epoch: int = 0
-    batch_in_epoch: int = 0                       # steps done in `epoch`: the data position
-    best_ap: float = -1.0
-    metrics: dict = field(default_factory=dict)   # of the latest evaluation
-    evaluated_at: int = -1                        # the iteration it evaluated
-
+def log(run: dict, row: dict) -> None:
+    """A row of log.jsonl (evaluate.write_curves reads them), rank 0."""
+    if RANK == 0:
+        with open(run["out"] / "log.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
 
 def main(argv: list[str] | None = None) -> Detector | None:
-    """Train as the command line says; returns this rank's trained model (None: a resumed run
-    that was already finished, or --plot)."""
-    cfg, ckpt = read_command_line(argv)
+    """Train as the command line says; this rank's trained model (None: --plot, a finished run)."""
+    cfg, ckpt, start = read_command_line(argv)        # flags, files and --out: checked first
     if cfg.plot:
-        print(write_curves(Path(cfg.plot)))
-        return None
-    if ckpt is not None and finished(ckpt, cfg):
-        return None
+        return print(evaluate.write_curves(Path(cfg.plot)))
+    done = ckpt and (ckpt["epoch"] >= cfg.epochs or 0 < cfg.max_iters <= ckpt["iteration"])
+    if done and ckpt["evaluated_at"] == ckpt["iteration"]:     # a finished run: nothing to do
+        return say(f"{cfg.resume}: this run is finished (iteration {ckpt['iteration']}, {ckpt['epoch']} of "
+                   f"{cfg.epochs} epochs, AP {ckpt['metrics']['AP']:.3f}); nothing was changed")
+    # 1. distributed set-up (torchrun's RANK, LOCAL_RANK, WORLD_SIZE) and seeds
+    world, device = int(os.environ.get("WORLD_SIZE", 1)), torch.device("cpu")
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True         # the 10 input sizes repeat
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    rank, world, device = evaluate.init_distributed()
-    if ckpt is not None:
-        check_resumable(ckpt, cfg, world, cfg.resume)
-    stop = {"signal": None}                 # SIGTERM / SIGINT: save last.pt after the step
-    handlers = {s: signal.signal(s, partial(on_signal, stop)) for s in (signal.SIGTERM, signal.SIGINT)}
+    if world > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    torch.manual_seed(cfg.seed)                       # the init, the same on every rank (train_step
+    STOP.update(signal=0, evaluating=False)           # reseeds from seed, rank and iteration)
+    handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        return run(cfg, ckpt, rank, world, device, stop)
+        return train(cfg, ckpt, start, world, device)
     finally:
         for s, h in handlers.items():
             signal.signal(s, h)
         if dist.is_initialized():
             dist.destroy_process_group()
 
-
-def run(cfg: Config, ckpt: dict | None, rank: int, world: int, device: torch.device,
-        stop: dict) -> Detector:
-    """Set-up, epochs of train_one_epoch with their evaluations and checkpoints, the summary."""
-    if rank == 0:
-        prepare_folder(cfg)
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)                   # the same init on every rank
-    plan = make_plan(cfg, rank, world)
-    parts, progress = set_up(cfg, ckpt, plan, rank, world, device)
-    runlog = RunLog(Path(cfg.out), progress.iteration, Path(cfg.resume) if ckpt else None,
-                    progress.iteration)
-    write_log(runlog, {"resumed" if ckpt else "started": progress.iteration,
-                       "config": dataclasses.asdict(cfg)})
-    say(f"{world} process(es) on {device}, amp {parts.amp_dtype}; model "
-        f"{sum(p.numel() for p in parts.model.parameters()):,} parameters; {len(plan.train_data)} "
-        f"training images, {plan.steps_per_epoch} steps/epoch x {cfg.epochs} epochs = "
-        f"{plan.total_iters} iterations (running {plan.planned}) of {plan.per_step * world} images")
-    if progress.batch_in_epoch == 0 and 0 < progress.epoch and evaluation_due(cfg, progress.epoch) \
-            and progress.evaluated_at != progress.iteration:
-        run_evaluation(cfg, parts, plan, progress, runlog)    # a signal came before its evaluation
-        save_checkpoints(cfg, parts, plan, progress, runlog)
-    while progress.epoch < cfg.epochs and progress.iteration < plan.planned:
-        if train_one_epoch(cfg, parts, plan, progress, runlog, stop):
-            return parts.model                                # stopped by a signal, saved
-        if progress.batch_in_epoch == plan.steps_per_epoch:   # a whole epoch done
-            progress.epoch, progress.batch_in_epoch = progress.epoch + 1, 0
-            if evaluation_due(cfg, progress.epoch):
-                run_evaluation(cfg, parts, plan, progress, runlog)
-        save_checkpoints(cfg, parts, plan, progress, runlog)
-    if progress.evaluated_at != progress.iteration:           # --max-iters ended between them
-        run_evaluation(cfg, parts, plan, progress, runlog)
-        save_checkpoints(cfg, parts, plan, progress, runlog)
-    if rank == 0:
-        write_summary(cfg, parts, plan, progress, runlog)
+def train(cfg: Config, ckpt: dict | None, start: dict | None, world: int, device: torch.device) -> Detector:
+    """Sections 2 to 6; `run` holds what the loop reads and writes, its POSITION saved in last.pt."""
+    # 2. the data: COCO, a COCO-format set of your own, or the synthetic shapes
+    train_data, val_data = open_data(cfg, world)
+    train_set = data.TrainDataset(train_data, cfg.size_max, cfg.seed, cfg.mixup, cfg.augment)
+    sampler = DistributedSampler(train_set, world, RANK, shuffle=True, seed=cfg.seed, drop_last=True)
+    steps = len(sampler) // (cfg.batch_size * cfg.accumulate)                   # per epoch
+    # 3. the model, EMA, SGD, AMP, SyncBN (Sec. 3.1) and DDP (a resumed run's backbone is in the checkpoint)
+    parts = build_parts(dataclasses.replace(cfg, backbone="") if ckpt else cfg, len(train_data.cat_ids),
+                        start, world, device)
+    # 4. resume: weights, optimizer, scaler, EMA and the position (the config is the checkpoint's)
+    for name in ("model", "optimizer", "scaler", "ema") if ckpt else ():
+        if getattr(parts, name) is not None:
+            getattr(parts, name).load_state_dict(ckpt[name])
+    run = {k: ckpt[k] for k in POSITION} if ckpt else dict(POSITION)
+    run |= dict(train_data=train_data, val_data=val_data, train_set=train_set, sampler=sampler, steps=steps,
+                total=cfg.epochs * steps, planned=min(cfg.epochs * steps, cfg.max_iters or math.inf),
+                out=make_folder(cfg), start=time.time(), first=run["iteration"], seconds=0.0,
+                kept=run["iteration"] if ckpt else None)
+    log(run, {"resumed" if ckpt else "started": run["iteration"], "config": dataclasses.asdict(cfg)})
+    say(f"{world} process(es) on {device}, amp {parts.amp_dtype}; {len(train_data)} training images, "
+        f"{steps} steps/epoch x {cfg.epochs} epochs; iterations {run['iteration']} to {run['planned']}")
+    # 5. the loop: epochs from the position on, an evaluation when due (it saves), else last.pt
+    try:
+        if run["batch_in_epoch"] == 0 < run["epoch"] and evaluation_due(cfg, run["epoch"]):
+            evaluation(cfg, parts, run)               # one that a signal cut short (none if done)
+        while run["epoch"] < cfg.epochs and run["iteration"] < run["planned"]:
+            train_epoch(cfg, parts, run)
+            if run["batch_in_epoch"] == 0 and evaluation_due(cfg, run["epoch"]):
+                evaluation(cfg, parts, run)
+            else:
+                save_checkpoints(cfg, parts, run)
+        evaluation(cfg, parts, run)                   # --max-iters ended between two
+    except Stopped:                                   # a signal: last.pt, exit 128 + N
+        save_checkpoints(cfg, parts, run)
+        say(f"stopped by {signal.Signals(STOP['signal']).name} at iteration {run['iteration']}; saved "
+            f"last.pt (continue with --resume {run['out'] / 'last.pt'})")
+        if RANK == 0:
+            say(evaluate.write_curves(run["out"]))
+        raise SystemExit(128 + STOP["signal"]) from None
+    except NonFinite as e:                            # nothing saved, exit 1
+        say(f"iteration {run['iteration']} (epoch {run['epoch']}): {e}; stopped without saving; " + (
+            f"{run['out'] / 'last.pt'} keeps iteration {run['kept']}" if run["kept"] is not None else
+            "no checkpoint of this run yet"), file=sys.stderr)
+        log(run, {"iteration": run["iteration"], "non_finite": str(e)})
+        raise SystemExit(1) from None
+    # 6. the end: metrics.json, Figure 3, curves.png
+    if RANK == 0:
+        finish(cfg, parts, run)
     return parts.model
 
+def open_data(cfg: Config, world: int) -> tuple[data.CocoDetection, data.CocoDetection]:
+    """(training, validation) sets: a step of images at least, the same categories. The synthetic
+    set is written once, by whichever rank comes first (make_synthetic renames it into place)."""
+    paths = dict(train_images=cfg.train_images, train_json=cfg.train_ann, val_images=cfg.val_images,
+                 val_json=cfg.val_ann)
+    if cfg.data and not cfg.train_ann:
+        paths = {f"{s}_{kind}": str(Path(cfg.data, *p)) for s in ("train", "val") for kind, p in
+                 (("images", [f"{s}2017"]), ("json", ["annotations", f"instances_{s}2017.json"]))}
+    elif not cfg.train_ann:
+        paths = data.make_synthetic(n_train=cfg.synthetic_train, n_val=cfg.synthetic_val)
+    train_data = data.CocoDetection(paths["train_images"], paths["train_json"], cfg.include_crowd)
+    val_data = data.CocoDetection(paths["val_images"], paths["val_json"])
+    if len(train_data) < (per_step := cfg.batch_size * cfg.accumulate * world):
+        raise data.DataError(f"{train_data.ann_file}: {len(train_data)} training image(s), fewer than one "
+                             f"step takes ({per_step} = batch size x accumulate x processes)")
+    train, val = (dict(zip(d.cat_ids, d.class_names, strict=True)) for d in (train_data, val_data))
+    if train != val:
+        raise data.DataError(f"{val_data.ann_file}: the categories (id: name) are not those of "
+                             f"{train_data.ann_file}: {val} against {train}")
+    return train_data, val_data
 
-def set_up(cfg: Config, ckpt: dict | None, plan: Plan, rank: int, world: int,
-           device: torch.device) -> tuple[Parts, Progress]:
-    """Model (pretrained parts for a new run, the checkpoint's state for a resumed one), EMA,
-    SGD on the weight-decay groups, mixed precision; DDP with SyncBN (Sec. 3.1) on GPUs."""
-    weights_from = cfg if ckpt is None else dataclasses.replace(cfg, backbone="", weights="")
-    model = build_model(weights_from, len(plan.train_data.cat_ids)).to(device)
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+def build_parts(cfg: Config, num_classes: int, start: dict | None, world: int, device: torch.device) -> Parts:
+    """The Detector (--backbone, --weights), EMA, SGD on the decay groups, AMP, SyncBN, DDP."""
+    model = build_model(cfg, num_classes)
+    if start is not None:
+        renewed = transfer_weights(model, start, cfg.weights)
+        say(f"--weights {cfg.weights}: {len(start)} tensors" + (f"; {len(renewed)} prediction convs keep "
+            f"their box and objectness rows, new class rows for {num_classes} classes" if renewed else ""))
+    layout = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    model = model.to(device, memory_format=layout)
     ema = copy.deepcopy(model).eval().requires_grad_(False) if cfg.ema else None
-    optimizer = torch.optim.SGD(param_groups(model, cfg.weight_decay, cfg.decay_all), lr=0.0,
-                                momentum=cfg.momentum)
+    if world > 1 and device.type == "cuda":           # Sec. 3.1's synchronized BN (gloo has none)
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    set_train_mode(model, cfg.freeze_bn)
+    optimizer = torch.optim.SGD(param_groups(model, cfg.weight_decay, cfg.decay_all), 0.0, cfg.momentum)
     amp_dtype = amp_dtype_for(cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    parts = Parts(model, model, optimizer, scaler, amp_dtype, device, world, ema)
-    if ckpt is None:
-        progress = Progress()
-        torch.manual_seed(cfg.seed + rank)        # per-rank DropBlock draws from here on
-    else:
-        progress = restore(ckpt, parts, cfg.resume, rank)
-    if world > 1:
-        sync = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model) if device.type == "cuda" else model
-        parts.ddp = DistributedDataParallel(sync, device_ids=[device.index] if device.type == "cuda"
-                                            else None)    # CPU (gloo) has no SyncBN
-    if cfg.compile:
-        parts.ddp = evaluate.compiled(parts.ddp, device)
-    set_train_mode(model, cfg.freeze_bn)
-    return parts, progress
+    ids = [device.index] if device.type == "cuda" else None
+    ddp = model if world == 1 else DistributedDataParallel(model, device_ids=ids)
+    return Parts(model, torch.compile(ddp) if cfg.compile else ddp, optimizer, scaler, amp_dtype, device,
+                 world, ema, RANK)
 
-
-def train_one_epoch(cfg: Config, parts: Parts, plan: Plan, progress: Progress, runlog: "RunLog",
-                    stop: dict) -> bool:
-    """The rest of epoch progress.epoch: its mixup switch (Sec. 3.4) and DropBlock (ASFF*), its
-    data from the resume point, a train_step per batch at the iteration's size and learning
-    rate. True when a signal stopped the run (last.pt saved)."""
-    epoch = progress.epoch
-    plan.train_set.set_epoch(epoch)
-    plan.train_set.mixup = mixup_on(cfg, epoch)
-    plan.sampler.set_epoch(epoch)
+def train_epoch(cfg: Config, parts: Parts, run: dict) -> None:
+    """The rest of the epoch (its mixup, Sec. 3.4, and DropBlock, ASFF*): a train_step per batch
+    and a status line every --log-every; all ranks stop after the step in which any got a signal."""
+    epoch, per_step = run["epoch"], cfg.batch_size * cfg.accumulate
+    run["train_set"].set_epoch(epoch)
+    run["train_set"].mixup = mixup_on(cfg, epoch)
+    run["sampler"].set_epoch(epoch)                   # its order: a function of seed and epoch
     parts.model.set_dropblock(*dropblock_at(cfg, epoch))
-    batches = iter(epoch_loader(cfg, plan, progress, parts.device))
-    while progress.batch_in_epoch < plan.steps_per_epoch and progress.iteration < plan.planned:
-        tic = time.time()
-        size = size_at(cfg, progress.iteration, epoch)           # the same on all ranks
-        lr = lr_at(cfg, progress.iteration, plan.total_iters, parts.world)
-        for group in parts.optimizer.param_groups:
-            group["lr"] = lr
-        terms = guarded_step(cfg, parts, batches, size, progress, runlog)
-        progress.iteration, progress.batch_in_epoch = progress.iteration + 1, progress.batch_in_epoch + 1
-        if parts.ema is not None:
-            ema_update(parts.ema, parts.model, cfg.ema, progress.iteration)
-        report_progress(cfg, parts, plan, progress, runlog, terms | {"lr": lr, "size": size},
-                        time.time() - tic)
-        if stop_requested(stop, parts.device):
-            if progress.batch_in_epoch == plan.steps_per_epoch:  # its last step: the next at 0
-                progress.epoch, progress.batch_in_epoch = epoch + 1, 0
-            save_checkpoints(cfg, parts, plan, progress, runlog)
-            say(f"stopped by signal at iteration {progress.iteration}; saved {runlog.out / 'last.pt'} "
-                f"(continue with --resume {runlog.out / 'last.pt'})")
-            draw_curves(runlog)
-            return True
-    return False
+    order = list(run["sampler"])[run["batch_in_epoch"] * per_step: run["steps"] * per_step]
+    batches = iter(DataLoader(run["train_set"], cfg.batch_size, sampler=order, collate_fn=data.stack_batch,
+                              num_workers=cfg.workers, pin_memory=parts.device.type == "cuda",
+                              worker_init_fn=data.ignore_stop_signals))  # a signal to the group: us only
+    while run["epoch"] == epoch and run["iteration"] < run["planned"]:
+        tic, it = time.time(), run["iteration"]
+        size, lr = size_at(cfg, it, epoch), lr_at(cfg, it, run["total"], parts.world)
+        try:
+            values = train_step(parts, batches, cfg, it, size, lr)
+        except data.UserError as e:                   # from a loader worker, torch adds its traceback
+            raise type(e)(str(e).strip().splitlines()[-1].split("Error: ", 1)[-1]) from None
+        except torch.cuda.OutOfMemoryError as e:
+            raise data.UserError(f"out of memory at iteration {it}: input size {size} x {size}, batch "
+                                 f"{cfg.batch_size}; lower --batch-size or --size-max") from e
+        batch = (run["batch_in_epoch"] + 1) % run["steps"]         # after the epoch's last step: 0
+        run.update(iteration=it + 1, epoch=epoch + (batch == 0), batch_in_epoch=batch,
+                   seconds=run["seconds"] + time.time() - tic)
+        if it + 1 in (run["first"] + 1, run["planned"]) or (it + 1) % cfg.log_every == 0:
+            status(cfg, parts, run, dict(epoch=epoch, iteration=it + 1, **values, lr=lr, size=size))
+        signum = torch.tensor([STOP["signal"]], device=parts.device)
+        if parts.world > 1:
+            dist.all_reduce(signum, dist.ReduceOp.MAX)  # any rank's signal stops all at this step
+        if signum.item():
+            STOP["signal"] = int(signum.item())
+            raise Stopped
 
+def status(cfg: Config, parts: Parts, run: dict, row: dict) -> None:
+    """The status line (rank 0) and its log.jsonl row; images/s and ETA over this process's steps."""
+    it, done, memory = row["iteration"], row["iteration"] - run["first"], peak_memory_mb(parts.device)
+    row["images_per_s"] = done * cfg.batch_size * cfg.accumulate * parts.world / run["seconds"]
+    eta = (run["planned"] - it) * run["seconds"] / done / 60
+    say(f"epoch {row['epoch'] + 1}/{cfg.epochs} iter {it}/{run['planned']} | " + " ".join(
+        f"{t} {row[t]:.3f}" for t in TERMS) + f" | lr {row['lr']:.2e} | size {row['size']} | "
+        f"{row['images_per_s']:.1f} img/s | ETA {eta:.1f} min | peak mem {memory:.0f} MB")
+    log(run, row | {"time": time.time() - run["start"]})
 
-def epoch_loader(cfg: Config, plan: Plan, progress: Progress, device: torch.device) -> DataLoader:
-    """This rank's batches of the epoch from progress.batch_in_epoch on. Its own generator:
-    making a loader iterator draws a seed, which must not move the global RNG (DropBlock's)
-    differently in a resumed run; the workers ignore SIGTERM and SIGINT, so a signal to the
-    whole process group stops the run as one to this process does."""
-    order = list(plan.sampler)[progress.batch_in_epoch * plan.per_step:
-                               plan.steps_per_epoch * plan.per_step]
-    return DataLoader(plan.train_set, cfg.batch_size, sampler=order, collate_fn=data.collate,
-                      num_workers=cfg.workers, pin_memory=device.type == "cuda",
-                      worker_init_fn=data.ignore_stop_signals,
-                      generator=torch.Generator().manual_seed(cfg.seed + progress.epoch))
-
-
-def guarded_step(cfg: Config, parts: Parts, batches, size: int, progress: Progress,
-                 runlog: "RunLog") -> dict[str, float]:
-    """train_step; a non-finite step stops the run (exit status 1) before anything is saved,
-    naming the newest checkpoint; running out of memory names the size and batch."""
+def evaluation(cfg: Config, parts: Parts, run: dict) -> None:
+    """COCO AP of the EMA (else the model), sharded over the ranks, then last.pt (and best.pt)."""
+    if run["evaluated_at"] == run["iteration"]:      # already (a resumed run)
+        return
+    say(f"evaluating at iteration {run['iteration']} ({run['epoch']} epochs done)")
+    STOP["evaluating"] = True                         # a signal now raises Stopped in it
     try:
-        return train_step(parts, batches, size, cfg)
-    except NonFiniteLoss as e:
-        say(f"non-finite {e.what} at iteration {progress.iteration} (epoch {progress.epoch}, size "
-            f"{size}): {e.detail}; stopped without saving; {kept_note(runlog)}")
-        write_log(runlog, {"iteration": progress.iteration, "non_finite": str(e)})
-        draw_curves(runlog)
-        raise SystemExit(1) from e
-    except torch.OutOfMemoryError as e:
-        raise data.UserError(f"out of memory at iteration {progress.iteration}: input size {size} "
-                             f"x {size}, batch {cfg.batch_size} per process; lower --batch-size "
-                             "(and raise --accumulate) or --size-max") from e
+        if STOP["signal"]:
+            raise Stopped
+        run["metrics"] = evaluate.evaluate(parts.ema or parts.model, run["val_data"], eval_size=cfg.eval_size,
+                                           nms=cfg.nms, verbose=RANK == 0)
+    finally:
+        STOP["evaluating"] = False
+    run["evaluated_at"] = run["iteration"]
+    log(run, {"epoch": run["epoch"], "iteration": run["iteration"], "eval": run["metrics"]})
+    save_checkpoints(cfg, parts, run, best=run["metrics"]["AP"] > run["best_ap"])
 
+def save_checkpoints(cfg: Config, parts: Parts, run: dict, best: bool = False) -> None:
+    """Rank 0: last.pt (and best.pt), written whole or not at all (a temporary file, fsync, rename)."""
+    run["best_ap"] = run["metrics"]["AP"] if best else run["best_ap"]
+    state = {"model": parts.model.state_dict(), "ema": parts.ema and parts.ema.state_dict(),
+             "optimizer": parts.optimizer.state_dict(), "scaler": parts.scaler.state_dict(),
+             "config": dataclasses.asdict(cfg), "model_args": model_args(cfg, parts.model.num_classes),
+             "eval_size": cfg.eval_size, "class_names": list(run["train_data"].class_names),
+             "cat_ids": list(run["train_data"].cat_ids), "world_size": parts.world,
+             **{k: run[k] for k in POSITION}}
+    for path in [run["out"] / name for name in ("last.pt", "best.pt")[:1 + best]] if RANK == 0 else []:
+        with open(tmp := path.with_name(path.name + ".tmp"), "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        if hasattr(os, "O_DIRECTORY"):                # the folder's entry too (POSIX)
+            folder = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+            os.fsync(folder)
+            os.close(folder)
+    run["kept"] = run["iteration"]
 
-def run_evaluation(cfg: Config, parts: Parts, plan: Plan, progress: Progress,
-                   runlog: "RunLog") -> None:
-    """COCO AP of the EMA weights (else the model) at --eval-size, sharded over the ranks."""
-    say(f"evaluating at iteration {progress.iteration} ({progress.epoch} epochs done): "
-        f"{len(plan.val_data)} validation images at {cfg.eval_size} px", flush=True)
-    model = parts.ema if parts.ema is not None else parts.model
-    progress.metrics = evaluate.evaluate(model, plan.val_data, size=cfg.eval_size,
-                                         nms_thre=cfg.nms, verbose=is_master())
-    progress.evaluated_at = progress.iteration
-    set_train_mode(parts.model, cfg.freeze_bn)    # evaluate() restores plain train mode
-    write_log(runlog, {"epoch": progress.epoch, "iteration": progress.iteration,
-                       "eval": progress.metrics})
+def finish(cfg: Config, parts: Parts, run: dict) -> None:
+    """metrics.json, Figure 3 of a validation image with 3-5 objects (else the first), curves.png."""
+    out, val, minutes = run["out"], run["val_data"], (time.time() - run["start"]) / 60
+    images = (run["iteration"] - run["first"]) * cfg.batch_size * cfg.accumulate * parts.world
+    summary = {k: float(run["metrics"][k]) for k in evaluate.PAPER_COLUMNS} | dict(
+        iterations=run["iteration"], epochs=run["epoch"] + run["batch_in_epoch"] / run["steps"],
+        eval_size=cfg.eval_size, world_size=parts.world, wall_time_s=minutes * 60,
+        train_images_per_s=images / max(run["seconds"], 1e-9))
+    (out / "metrics.json").write_text(json.dumps(summary, indent=1))
+    pick = min(range(len(val)), key=lambda i: (not 3 <= len(val.load_targets(i)) <= 5, i))
+    try:
+        evaluate.show(parts.ema or parts.model, val.load_image(pick)[0], out, cfg.eval_size, val.class_names,
+                      name="demo", conf=0.2)
+    except data.DataError as e:                       # an unreadable image: no picture, the run stands
+        say(f"figure3_demo.png not drawn: {e}")
+    say(evaluate.write_curves(out))
+    say(f"done in {minutes:.1f} min: AP {summary['AP']:.3f}, AP50 {summary['AP50']:.3f}; wrote {out}")
 
-
-# ---------------------------------------------------------------------------------------------
-# Plumbing: the command line - flags from Config (evaluate.dataclass_parser), their checks
-# ---------------------------------------------------------------------------------------------
-DESCRIPTION = """Train ASFF as in paper Sec. 3.4 (SGD, cosine learning rate, random input sizes,
-mixup) on COCO, on a COCO-format set of your own, or on the built-in synthetic shapes."""
-EXAMPLES = """examples:
-  python train.py                                   the CPU demo (synthetic shapes): runs/demo/
-  python train.py --resume runs/demo/last.pt        continue a stopped run exactly, in its folder
-  torchrun --nproc_per_node=4 train.py --data /coco --backbone darknet53_feature_mx.pth
-                                                    the paper: 4 GPUs x 16 images, 300 epochs
-  python train.py --train-images my/train --train-ann my/train.json --val-images my/val \\
-      --val-ann my/val.json --weights runs/demo/last.pt --out runs/mine   fine-tune on your set
-The README lists the paper's rows (Tables 1-4) as flags.
-"""
+# --- The command line: a flag per Config field; the files and the folder checked first ----------
 RESUME_MAY_DIFFER = ("out", "resume", "max_iters", "log_every", "eval_every", "workers", "threads",
-                     "exist_ok", "debug", "plot", "channels_last", "compile",  # how, not what
-                     "benchmark")    # benchmark: a field of checkpoints older than tests/bench.py
-AT_LEAST = {"epochs": 1, "batch_size": 1, "accumulate": 1, "size_every": 1, "log_every": 1,
-            "eval_every": 1, "synthetic_train": 1, "synthetic_val": 1, "workers": 0, "threads": 0,
-            "max_iters": 0, "lr": 0, "min_lr": 0, "clip_grad": 0, "weight_decay": 0, "momentum": 0}
-FRACTIONS = ("mixup_off", "fixed_size_last", "warmup", "nms", "ignore_thre", "ignore_ratio", "ema")
-
-
-def command_line():
-    """The parser: a flag per Config field with its help and default, and the demo's value where
-    a plain `python train.py` uses another; usage examples."""
-    demo = " ".join(f"--{k.replace('_', '-')} {v}" if not isinstance(v, bool) else
-                    f"--{'' if v else 'no-'}{k.replace('_', '-')}" for k, v in DEMO.items())
-    epilog = EXAMPLES + textwrap.fill(f"Without --data or a custom set the CPU demo runs: {demo}", 95)
-    parser = evaluate.dataclass_parser(Config, DESCRIPTION, epilog)
-    for action in parser._actions:
-        action.help = action.help and action.help.replace("[default: ]", "[default: none]")
-        if action.dest in DEMO and action.help.endswith("]"):
-            action.help = action.help[:-1] + f"; the demo: {DEMO[action.dest]}]"
-    return parser
-
-
-def parse_config(argv: list[str] | None = None) -> Config:
-    """The command line as a Config (read_command_line without the checkpoint)."""
-    return read_command_line(argv)[0]
-
-
-def read_command_line(argv: list[str] | None = None) -> tuple[Config, dict | None]:
-    """(Config, the --resume checkpoint or None). The Config: Config's defaults, DEMO's without a
-    data set; with --resume the checkpoint's own config, in its folder; the flags given win.
-    Bad values end in one line (UserError)."""
-    parser = command_line()
-    given = vars(parser.parse_args(argv))
-    ckpt = read_resume(given["resume"]) if given.get("resume") else None
-    if ckpt is not None:
-        base = {f.name: ckpt["config"][f.name] for f in dataclasses.fields(Config)
-                if f.name in ckpt["config"] and f.name != "exist_ok"}
-        base["out"] = str(Path(given["resume"]).parent)
-    else:
-        base = {} if given.get("data") or given.get("train_ann") else DEMO
-    cfg = Config(**base | given)
-    if cfg.weights and ("weights" in given and cfg.resume or cfg.backbone):
-        parser.error("--weights starts a new run from a whole detector: it goes with neither "
-                     "--resume (which continues a run) nor --backbone (which it includes)")
-    check_config(cfg)
-    return cfg, ckpt
-
-
-def check_config(cfg: Config) -> None:
-    """Values that would fail later, deep inside, refused at once in one line."""
-    flag = lambda name: "--" + name.replace("_", "-")
-    for name in ("size_min", "size_max", "eval_size"):
-        if (size := getattr(cfg, name)) < 32 or size % 32:
-            low = max(32, size // 32 * 32)
-            raise data.UserError(f"{flag(name)} {size}: input sizes are multiples of 32 (the "
-                                 f"coarsest stride), e.g. {low} or {low + 32}")
-    bad = [f"{flag(n)} {getattr(cfg, n)}: {low} or more" for n, low in AT_LEAST.items()
-           if getattr(cfg, n) < low]
-    bad += [f"{flag(n)} {v}: in [0, 1]" for n in FRACTIONS
-            if (v := getattr(cfg, n)) is not None and not 0 <= v <= 1]
-    bad += ["--size-min over --size-max"] if cfg.size_min > cfg.size_max else []
-    if bad:
-        raise data.UserError("out of range: " + "; ".join(bad))
-    custom = (cfg.train_images, cfg.train_ann, cfg.val_images, cfg.val_ann)
-    if any(custom) and not all(custom):
-        raise data.UserError("a custom set needs all of --train-images, --train-ann, "
-                             "--val-images and --val-ann")
-    if cfg.data and not any(custom) and not Path(cfg.data).is_dir():
-        raise data.UserError(f"--data {cfg.data}: no such folder (a COCO root holds train2017/, "
-                             "val2017/ and annotations/); a COCO-format set of your own is "
-                             "--train-images, --train-ann, --val-images, --val-ann")
-
-
-# ---------------------------------------------------------------------------------------------
-# Plumbing: checkpoints - what they hold, resume, the RNG states
-# ---------------------------------------------------------------------------------------------
-def checkpoint_state(cfg: Config, parts: Parts, progress: Progress, train_data) -> dict:
-    """Everything an exact resume needs, and the settings evaluate.py reads. All ranks call
-    (the RNG states are gathered); rank 0 saves it."""
-    return {"model": parts.model.state_dict(), "optimizer": parts.optimizer.state_dict(),
-            "scaler": parts.scaler.state_dict(),
-            "ema": parts.ema.state_dict() if parts.ema is not None else None,
-            **dataclasses.asdict(progress), "config": dataclasses.asdict(cfg),
-            "world_size": parts.world, "rng": rng_states(parts.world),
-            "model_args": model_args(cfg, parts.model.num_classes), "eval_size": cfg.eval_size,
-            "class_names": list(train_data.class_names), "cat_ids": list(train_data.cat_ids)}
-
-
-def save_checkpoints(cfg: Config, parts: Parts, plan: Plan, progress: Progress,
-                     runlog: "RunLog") -> None:
-    """last.pt, and best.pt when this state's fresh evaluation is the best so far."""
-    is_best = progress.evaluated_at == progress.iteration and progress.metrics["AP"] > progress.best_ap
-    progress.best_ap = progress.metrics["AP"] if is_best else progress.best_ap
-    state = checkpoint_state(cfg, parts, progress, plan.train_data)
-    if is_master():
-        save(state, runlog.out / "last.pt")
-        if is_best:
-            save(state, runlog.out / "best.pt")
-    runlog.kept, runlog.kept_iteration = runlog.out / "last.pt", progress.iteration
-
-
-def restore(ckpt: dict, parts: Parts, path: str, rank: int) -> Progress:
-    """A checkpoint's model, optimizer, scaler, EMA and this rank's RNG states; its Progress."""
-    evaluate.load_foreign(evaluate.load_checked, path, parts.model, ckpt["model"], path)
-    parts.optimizer.load_state_dict(ckpt["optimizer"])
-    parts.scaler.load_state_dict(ckpt["scaler"])
-    if parts.ema is not None:
-        parts.ema.load_state_dict(ckpt["ema"])
-    set_rng_states(ckpt["rng"][rank])
-    progress = Progress(**{f.name: ckpt[f.name] for f in dataclasses.fields(Progress)})
-    say(f"resumed {path}: iteration {progress.iteration}, epoch {progress.epoch}, batch "
-        f"{progress.batch_in_epoch}")
-    return progress
-
-
-def save(state: dict, path: Path) -> None:
-    """Write to a temporary file, then rename: a kill mid-write never leaves half a checkpoint."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def read_resume(path: str) -> dict:
-    """The --resume file, refused with a UserError naming it unless it is a train.py checkpoint
-    (read before the data is opened: a bad file fails at once)."""
-    ckpt = evaluate.read_checkpoint(path)
-    if not evaluate.is_training_checkpoint(ckpt):
-        raise data.UserError(f"{path}: a state dict without a training state (no "
-                             "optimizer, config): --resume continues a train.py run only")
-    return ckpt
-
-
-def check_resumable(ckpt: dict, cfg: Config, world: int, path: str) -> None:
-    """Refuse a checkpoint of another configuration, naming each field that differs."""
-    saved = ckpt["config"] | {"world_size": ckpt.get("world_size", "absent")}
-    now = dataclasses.asdict(cfg) | {"world_size": world}
-    differ = [k for k in sorted(set(saved) | set(now))
-              if k not in RESUME_MAY_DIFFER and saved.get(k, "absent") != now.get(k, "absent")]
-    if differ:
-        raise data.UserError(f"{path} was made with another configuration; differing fields: "
-                         + ", ".join(f"{k} (checkpoint {saved.get(k, 'absent')!r}, now "
-                                     f"{now.get(k, 'absent')!r})" for k in differ))
-
-
-def finished(ckpt: dict, cfg: Config) -> bool:
-    """A resumed run with nothing left to do (trained to its end, evaluated there) says so."""
-    done = ckpt["epoch"] >= cfg.epochs or 0 < cfg.max_iters <= ckpt["iteration"]
-    if not done or ckpt["evaluated_at"] != ckpt["iteration"]:
-        return False
-    more = ("a larger --max-iters continues it" if ckpt["epoch"] < cfg.epochs else
-            f"a longer run is a new one, e.g. --weights {cfg.resume} --out NEW_FOLDER")
-    say(f"{cfg.resume}: this run is finished (iteration {ckpt['iteration']}, {ckpt['epoch']} of "
-        f"{cfg.epochs} epochs done, AP {ckpt['metrics']['AP']:.3f}); nothing was changed; {more}")
-    return True
-
-
-def rng_states(world: int) -> list[dict]:
-    """Every rank's RNG states (torch, cuda, numpy, python), as tensors and plain Python."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    mine = {"torch": torch.get_rng_state(), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss)}
-    if world == 1:
-        return [mine]
-    states = [None] * world
-    dist.all_gather_object(states, mine)
-    return states
-
-
-def set_rng_states(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    if state["cuda"]:
-        torch.cuda.set_rng_state_all(state["cuda"])
-    kind, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    random.setstate(state["python"])
-
-
-# ---------------------------------------------------------------------------------------------
-# Plumbing: the run folder, progress lines, log.jsonl, metrics.json and the picture
-# ---------------------------------------------------------------------------------------------
+                     "exist_ok", "debug", "plot", "channels_last", "compile")   # how, not what
+RELEASE = "the authors' release: github.com/GOATmessi8/ASFF, its README links each file"
+WHERE = {"backbone": f"darknet53.conv.74 (pjreddie.com/media/files) or darknet53_feature_mx.pth ({RELEASE})",
+         "weights": f"our last.pt, yolov3_asff.pth ({RELEASE}) or yolov3.weights (pjreddie.com/media/files)",
+         "resume": "a train.py run's last.pt or its folder"}
 RUN_FILES = ("last.pt", "best.pt", "log.jsonl", "metrics.json", "figure3_demo.png", "curves.png")
 
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str):                    # one line, not the 60-flag usage block
+        self.exit(2, f"{self.prog}: error: {message} (see -h)\n")
 
-@dataclass
-class RunLog:
-    """The run folder, the clock of the progress lines, the newest checkpoint of this run."""
-    out: Path
-    first_iteration: int = 0                      # where this process started
-    kept: Path | None = None                      # for the message of a non-finite stop
-    kept_iteration: int = 0
-    start: float = field(default_factory=time.time)
-    train_seconds: float = 0.0                    # in train steps, since the start
-    window_seconds: float = 0.0                   # ... and images, since the last line
-    window_images: int = 0
+def read_command_line(argv: list[str] | None = None) -> tuple[Config, dict | None, dict | None]:
+    """(Config, --resume's checkpoint, --weights' state dict): a flag per Config field over the
+    defaults (DEMO's without data, the checkpoint's with --resume); refused here if anything can be."""
+    parser = Parser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
+                    argument_default=argparse.SUPPRESS, epilog="examples: README.md. Exit status: 0 done, "
+                    "1 a non-finite step, 2 a bad flag or file, 128 + N stopped by signal N (last.pt saved).")
+    shown = lambda v: "none" if v in ("", None) else v
+    for f in dataclasses.fields(Config):
+        demo = f"; the demo: {shown(DEMO[f.name])}" if f.name in DEMO else ""
+        keywords = {"type": type(f.default), **f.metadata} | {"help": f"{f.metadata['help']} [default: "
+                                                                      f"{shown(f.default)}{demo}]"}
+        if keywords["type"] is bool:
+            keywords.update(type=None, action=argparse.BooleanOptionalAction)
+        parser.add_argument("--" + f.name.replace("_", "-"), **keywords)
+    given = vars(parser.parse_args(argv))
+    if given.get("resume") and Path(given["resume"]).is_dir():
+        given["resume"] = str(Path(given["resume"]) / "last.pt")
+    for name in [name for name in ("resume", "weights", "backbone") if given.get(name)]:
+        if not given.get("plot") and not Path(given[name]).is_file():
+            raise data.UserError(f"--{name} {given[name]}: no such file; it takes {WHERE[name]}")
+    if given.get("weights") and (given.get("resume") or given.get("backbone")):
+        raise data.UserError("--weights starts a new run from a whole detector: it goes with neither "
+                             "--resume (which continues a run) nor --backbone (which it includes)")
+    ckpt = resume_checkpoint(given) if given.get("resume") and not given.get("plot") else None
+    base = {} if given.get("data") or given.get("train_ann") or given.get("plot") else DEMO
+    if ckpt is not None:                              # the run's own folder unless --out is given
+        base = {k: v for k, v in ckpt["config"].items() if k in Config.__dataclass_fields__} | {
+            "out": str(Path(given["resume"]).parent), "exist_ok": False}
+    cfg = Config(**base | given)
+    if cfg.plot:
+        return cfg, None, None
+    cfg, start = weights_architecture(cfg, given) if cfg.weights and ckpt is None else (cfg, None)
+    custom = (cfg.train_images, cfg.train_ann, cfg.val_images, cfg.val_ann)
+    if cfg.size_min > cfg.size_max:
+        raise data.UserError(f"--size-min {cfg.size_min} is over --size-max {cfg.size_max}")
+    if any(custom) and not all(custom):
+        raise data.UserError("a set of your own takes --train-images, --train-ann, --val-images, --val-ann")
+    if Path(cfg.out).is_file():
+        raise data.UserError(f"--out {cfg.out}: a file, not a folder")
+    if (held := another_run(cfg)) and not cfg.exist_ok:
+        raise data.UserError(f"{cfg.out} already holds a run ({', '.join(held)}): continue it with --resume "
+                             f"{Path(cfg.out) / 'last.pt'}, give a new --out, or --exist-ok to replace it")
+    return cfg, ckpt, start
 
+def resume_checkpoint(given: dict) -> dict:
+    """--resume's file, refused unless of the flags given (but RESUME_MAY_DIFFER) and processes."""
+    ckpt = evaluate.read_checkpoint(given["resume"])
+    if not all(k in ckpt for k in ("model", "optimizer", "config", "iteration")):
+        raise data.UserError(f"{given['resume']}: not a train.py checkpoint (--weights starts a run from it)")
+    saved = ckpt["config"] | {"world_size": ckpt.get("world_size", 1)}
+    now = {k: v for k, v in given.items() if k not in RESUME_MAY_DIFFER} | {
+        "world_size": int(os.environ.get("WORLD_SIZE", 1))}
+    if differ := [f"{k} (checkpoint {saved.get(k, 'absent')!r}, now {v!r})" for k, v in now.items()
+                  if saved.get(k, "absent") != v]:
+        raise data.UserError(f"{given['resume']} was made with another configuration: {', '.join(differ)}")
+    return ckpt
 
-def is_master() -> bool:
-    return int(os.environ.get("RANK", 0)) == 0
+def weights_architecture(cfg: Config, given: dict) -> tuple[Config, dict]:
+    """--weights: the file's architecture (flags given must agree) and its state dict."""
+    flags = {k: None if given[k] == "auto" else given[k] for k in ARCHITECTURE if k in given}
+    source, saved = evaluate.load_detector(cfg.weights, **flags)
+    start = source.state_dict()
+    arch = saved.get("model_args") or dict(   # a released file: full width and depth, SPP but darknet's
+        fusion=source.fusion_mode, guided=source.guided, width=1.0, depth=1.0,
+        spp=not cfg.weights.endswith(".weights"), rfb=any(".rfb." in k for k in start))
+    return dataclasses.replace(cfg, **{k: v or "auto" if k == "anchors" else v for k, v in arch.items()
+                                       if k in ARCHITECTURE}), start
 
+def another_run(cfg: Config) -> list[str]:
+    """The files of a run in --out other than the one --resume continues."""
+    own = cfg.resume and Path(cfg.resume).resolve().parent == Path(cfg.out).resolve()
+    return [] if own else [name for name in RUN_FILES if (Path(cfg.out) / name).exists()]
 
-def say(*args, **kwargs) -> None:
-    """print on rank 0 only."""
-    if is_master():
-        print(*args, **kwargs)
-
-
-def prepare_folder(cfg: Config) -> None:
-    """Rank 0, before the data is read: a new run refuses a folder that holds a run unless
-    --exist-ok, which removes that run's files (so this run's log starts fresh); --resume goes
-    on in its own folder."""
-    out = Path(cfg.out)
-    if out.exists() and not out.is_dir():
-        raise data.UserError(f"--out {out}: a file, not a folder")
-    held = [name for name in RUN_FILES if (out / name).exists()]
-    if held and not (cfg.resume and Path(cfg.resume).resolve().parent == out.resolve()):
-        if not cfg.exist_ok:
-            hint = f"continue it with --resume {out / 'last.pt'}, " if "last.pt" in held else ""
-            raise data.UserError(f"{out} already holds a run ({', '.join(held)}): {hint}give a "
-                                 "new --out, or --exist-ok to replace it")
-        for name in held:
-            (out / name).unlink()
-        say(f"--exist-ok: removed the previous run's {', '.join(held)} from {out}")
-    out.mkdir(parents=True, exist_ok=True)
-
-
-def write_log(runlog: RunLog, record: dict) -> None:
-    if is_master():
-        with open(runlog.out / "log.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
-
-
-def report_progress(cfg: Config, parts: Parts, plan: Plan, progress: Progress, runlog: RunLog,
-                    values: dict, seconds: float) -> None:
-    """The status line (and its log record) after the first step, every --log-every and the
-    last: epoch and iteration, each loss term, lr, size, images/s, ETA, peak memory."""
-    runlog.train_seconds += seconds
-    runlog.window_seconds += seconds
-    runlog.window_images += plan.per_step * parts.world
-    it = progress.iteration
-    if it != runlog.first_iteration + 1 and it % cfg.log_every and it != plan.planned:
-        return
-    speed = runlog.window_images / runlog.window_seconds
-    eta = (plan.planned - it) * runlog.train_seconds / (it - runlog.first_iteration)
-    terms = {k: v for k, v in values.items() if k not in ("lr", "size")}
-    say(f"epoch {progress.epoch + 1}/{cfg.epochs} iter {it}/{plan.planned} | "
-        + " ".join(f"{t} {v:.3f}" for t, v in terms.items())
-        + f" | lr {values['lr']:.2e} | size {values['size']} | {speed:.1f} img/s | ETA "
-        f"{eta / 60:.1f} min | peak mem {peak_memory_mb(parts.device):.0f} MB", flush=True)
-    write_log(runlog, {"epoch": progress.epoch, "iteration": it, **values, "images_per_s": speed,
-                       "time": time.time() - runlog.start})
-    runlog.window_seconds, runlog.window_images = 0.0, 0
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # Linux: KiB
-
-
-def kept_note(runlog: RunLog) -> str:
-    """What a stop leaves behind, naming a checkpoint file only if it exists."""
-    if runlog.kept is not None and runlog.kept.is_file():
-        return f"{runlog.kept} keeps the weights of iteration {runlog.kept_iteration}"
-    return "no checkpoint of this run was written yet (last.pt comes at the end of each epoch)"
-
-
-def write_summary(cfg: Config, parts: Parts, plan: Plan, progress: Progress, runlog: RunLog) -> None:
-    """Rank 0: metrics.json, figure3_demo.png (the EMA weights if kept), curves.png and the
-    closing line."""
-    summary = {k: float(progress.metrics[k]) for k in evaluate.PAPER_COLUMNS} | {
-        "wall_time_s": time.time() - runlog.start,
-        "train_images_per_s": (progress.iteration - runlog.first_iteration) * plan.per_step
-        * parts.world / max(runlog.train_seconds, 1e-9),
-        "iterations": progress.iteration,
-        "epochs": progress.epoch + progress.batch_in_epoch / plan.steps_per_epoch,
-        "eval_size": cfg.eval_size, "world_size": parts.world}
-    (runlog.out / "metrics.json").write_text(json.dumps(summary, indent=1))
-    image = demo_image(plan.val_data, say)               # the first with a few objects
-    if image is not None:
-        evaluate.show(parts.ema if parts.ema is not None else parts.model, image, str(runlog.out),
-                      cfg.eval_size, plan.val_data.class_names, conf_thre=0.2, name="demo")
-    draw_curves(runlog)
-    say(f"done in {summary['wall_time_s'] / 60:.1f} min: AP {summary['AP']:.3f}, AP50 "
-        f"{summary['AP50']:.3f}; wrote {runlog.out}/metrics.json, last.pt, best.pt"
-        + (", figure3_demo.png" if image is not None else " (no readable image to draw)"))
-
-
-def demo_image(val_data, say, tries: int = 10):
-    """The validation image of figure3_demo.png, uint8 (H, W, 3): the first with 3-5 objects
-    (else the first); an unreadable one is skipped, saying so. None if `tries` all fail."""
-    counts = [len(val_data.load_targets(i)) for i in range(len(val_data))]
-    order = sorted(range(len(val_data)), key=lambda i: not 3 <= counts[i] <= 5)   # stable
-    for index in order[:tries]:
-        try:
-            return val_data.load_image(index)[0]
-        except data.DataError as e:
-            say(f"figure3_demo.png: skipped an unreadable validation image: {e}")
-    return None
-
-
-# ---------------------------------------------------------------------------------------------
-# Plumbing: curves.png - log.jsonl's loss terms and lr by iteration, AP and AP50 by epoch
-# ---------------------------------------------------------------------------------------------
-PANEL_W, PANEL_H = 400, 266                     # 3 x 3 panels: 1200 x 798, readable at 900 px
-CURVE, RAW, GRID = (31, 119, 180), (174, 199, 232), (225, 225, 225)   # mean, raw values, grid
-
-
-def read_log(path: Path) -> tuple[list[dict], list[dict], int]:
-    """(progress rows, evaluation rows, malformed lines skipped), each in iteration order. A
-    "started" or "resumed" row at iteration N drops the earlier rows after N (a resumed run does
-    them again), and a later row of an iteration replaces an earlier one: no zig-zag."""
-    if not path.is_file() or not path.stat().st_size:
-        raise data.UserError(f"{path}: {'empty' if path.is_file() else 'no such file'} (train.py "
-                             "writes log.jsonl into its run folder, a row per progress line)")
-    steps, evals, bad = {}, {}, 0
-    for line in filter(str.strip, path.read_text(errors="replace").splitlines()):
-        try:                                      # a crash can cut the last line short
-            row = json.loads(line)
-            if (start := row.get("started", row.get("resumed"))) is not None:
-                steps, evals = ({i: r for i, r in rows.items() if i <= start} for rows in (steps, evals))
-            elif "eval" in row:
-                evals[int(row["iteration"])] = {"epoch": float(row["epoch"])} | {
-                    k: float(row["eval"][k]) for k in ("AP", "AP50")}
-            elif "total" in row:
-                steps[int(row["iteration"])] = {k: float(row[k]) for k in (*TERMS, "lr")}
-        except (ValueError, KeyError, TypeError, AttributeError):
-            bad += 1
-    if not steps:
-        raise data.UserError(f"{path}: no progress row" + f" ({bad} malformed line(s) skipped)" * (
-            bad > 0) + "; train.py logs one after the first step")
-    steps, evals = ([{"iteration": i, **r} for i, r in sorted(rows.items())] for rows in (steps, evals))
-    return steps, evals, bad
-
-
-def write_curves(run_dir: Path) -> str:
-    """RUN_DIR/curves.png from RUN_DIR/log.jsonl: each loss term (log scale, the raw values
-    under a running mean) and the learning rate against iterations, AP and AP50 against epochs;
-    returns the line to print."""
-    if not run_dir.is_dir():
-        raise data.UserError(f"{run_dir}: no such folder (a train.py run folder holds log.jsonl)")
-    steps, evals, bad = read_log(run_dir / "log.jsonl")
-    canvas = Image.new("RGB", (3 * PANEL_W, 3 * PANEL_H), (255, 255, 255))
-    font, its = evaluate.label_font(16), [r["iteration"] for r in steps]
-    panels = [(f"loss {t} (log scale)", "iteration", its, [r[t] for r in steps], "log") for t in TERMS]
-    panels += [("learning rate", "iteration", its, [r["lr"] for r in steps], "linear")]
-    panels += [(f"{k} (validation)", "epoch", [r["epoch"] for r in evals], [r[k] for r in evals],
-                "from 0") for k in ("AP", "AP50")]
-    for k, panel in enumerate(panels):
-        draw_panel(ImageDraw.Draw(canvas), font, k % 3 * PANEL_W, k // 3 * PANEL_H, *panel)
-    canvas.save(run_dir / "curves.png")
-    return (f"wrote {run_dir / 'curves.png'}: {len(steps)} progress rows, {len(evals)} evaluations"
-            + (f"; skipped {bad} malformed line(s) of log.jsonl" if bad else ""))
-
-
-def draw_panel(draw, font, x0: int, y0: int, title: str, xlabel: str, xs, ys, y_axis: str) -> None:
-    """One panel at (x0, y0): title, x label, round ticks with grid lines, ys against xs as a
-    line (x from 0), dots where there are few. y_axis "log" (a loss): log10 y, the raw values in
-    a light colour under their running mean; "from 0" (AP): y from 0; "linear". No values: "no
-    evaluation yet"."""
-    left, top, right, bottom = x0 + 70, y0 + 30, x0 + PANEL_W - 20, y0 + PANEL_H - 54
-    black, loss = (0, 0, 0), y_axis == "log"
-    draw.text((x0 + PANEL_W / 2, y0 + 6), title, fill=black, font=font, anchor="ma")
-    draw.text(((left + right) / 2, y0 + PANEL_H - 6), xlabel, fill=black, font=font, anchor="md")
-    draw.rectangle((left, top, right, bottom), outline=(120, 120, 120))
-    if not ys:
-        draw.text(((left + right) / 2, (top + bottom) / 2), "no evaluation yet", fill=black,
-                  font=font, anchor="mm")
-        return
-    ys = np.log10(np.maximum(ys, 1e-12)) if loss else np.array(ys)
-    (xlo, xhi), (ylo, yhi) = span([0, *xs], 0.02), span([*ys, 0] if y_axis == "from 0" else ys)
-    px = lambda x: left + (x - xlo) / (xhi - xlo) * (right - left)
-    py = lambda y: bottom - (y - ylo) / (yhi - ylo) * (bottom - top)
-    for t in ticks(xlo, xhi):
-        draw.line((px(t), top + 1, px(t), bottom + 4), fill=GRID)
-        draw.text((px(t), bottom + 6), f"{t:g}", fill=black, font=font, anchor="ma")
-    for t in log_ticks(ylo, yhi) if loss else ticks(ylo, yhi):
-        draw.line((left - 4, py(t), right - 1, py(t)), fill=GRID)
-        draw.text((left - 6, py(t)), f"{10 ** t if loss else t:.4g}", fill=black, font=font, anchor="rm")
-    w = 2 * (len(ys) // 25) + 1                   # a centred running mean of w rows (fewer at the ends)
-    mean = np.convolve(ys, np.ones(w), "same") / np.convolve(np.ones(len(ys)), np.ones(w), "same")
-    for values, colour in [(ys, RAW), (mean, CURVE)] if loss else [(ys, CURVE)]:
-        points = [(px(x), py(y)) for x, y in zip(xs, values)]
-        draw.line(points, fill=colour, width=2)
-        for x, y in points if len(points) < 20 else []:
-            draw.ellipse((x - 3, y - 3, x + 3, y + 3), fill=colour)
-
-
-def span(values, margin: float = 0.05) -> tuple[float, float]:
-    """An axis range over values, a margin each side (around a single value: +-10%, or +-1)."""
-    lo, hi = float(min(values)), float(max(values))
-    lo, hi = (lo, hi) if hi > lo else (lo - (abs(lo) * 0.1 or 1.0), hi + (abs(hi) * 0.1 or 1.0))
-    return lo - margin * (hi - lo), hi + margin * (hi - lo)
-
-
-def ticks(lo: float, hi: float, n: int = 5) -> list[float]:
-    """Round values in [lo, hi], 1, 2 or 5 x 10^k apart: the closest that make n steps or fewer."""
-    step = 10 ** math.floor(math.log10((hi - lo) / n))
-    step *= next(m for m in (1, 2, 5, 10) if (hi - lo) / (step * m) <= n)
-    return [k * step for k in range(math.ceil(lo / step), math.floor(hi / step) + 1)]
-
-
-def log_ticks(lo: float, hi: float) -> list[float]:
-    """log10 of round values in [10^lo, 10^hi]: the powers of ten if 3 or more, else 1, 2 and
-    5 x 10^k if 2 or more, else ticks(10^lo, 10^hi)."""
-    for ms, enough in (((1,), 3), ((1, 2, 5), 2)):
-        found = [k + math.log10(m) for k in range(math.floor(lo), math.ceil(hi) + 1) for m in ms
-                 if lo <= k + math.log10(m) <= hi]
-        if len(found) >= enough:
-            return found
-    return [math.log10(v) for v in ticks(10 ** lo, 10 ** hi)]
-
-
-def draw_curves(runlog: RunLog) -> None:
-    """Rank 0, at the end of a run or a stop: curves.png, or why not (never fails the run)."""
-    if is_master():
-        try:
-            say(write_curves(runlog.out))
-        except data.UserError as e:               # e.g. log.jsonl removed during the run
-            say(f"curves.png not drawn: {e}")
-
-
-# ---------------------------------------------------------------------------------------------
-# Plumbing: signals - SIGTERM / SIGINT save last.pt after the step under way
-# ---------------------------------------------------------------------------------------------
-def on_signal(stop: dict, signum: int, frame) -> None:
-    """The handler: runs in the main thread between two bytecodes; acknowledges at once."""
-    if stop["signal"] is None:
-        text = (f"{signal.Signals(signum).name}: stopping after this step, then saving last.pt "
-                "(the loader workers ignore it) ...")
-        try:
-            say(text, flush=True)
-        except RuntimeError:                      # it came inside another print to stdout
-            os.write(1, (text + "\n").encode())
-    stop["signal"] = signum
-
-
-def stop_requested(stop: dict, device: torch.device) -> bool:
-    """Whether any rank got a signal: all stop together, at the same iteration."""
-    flag = torch.tensor([stop["signal"] is not None], dtype=torch.float32, device=device)
-    if dist.is_initialized():
-        dist.all_reduce(flag)
-    return bool(flag.item())
-
+def make_folder(cfg: Config) -> Path:
+    """Once the start-up checks passed: the run folder (--exist-ok: another run's files go)."""
+    for name in another_run(cfg) if RANK == 0 else []:
+        (Path(cfg.out) / name).unlink()
+        say(f"--exist-ok: removed {Path(cfg.out) / name} of another run")
+    Path(cfg.out).mkdir(parents=True, exist_ok=True)
+    return Path(cfg.out)
 
 if __name__ == "__main__":
     if "--debug" in sys.argv[1:]:

@@ -131,7 +131,7 @@ PIPELINE = {  # data.py's step functions, in the order a sample meets them -> wh
     "random_affine": "affine: boxes and matrix",
     "_decode": "decode (JPEG at 1/k where the output is smaller)",
     "mixup": "mixup blend (where the crop keeps)",
-    "color_distort": "colour distortion (where the crop keeps)",
+    "colour_distort": "colour distortion (where the crop keeps)",
     "rotate_hue": "  of which hue (HSV)",
     "saturate": "  of which saturation",
     "warp": "warp: zoom out, crop, flip, affine, resize",
@@ -266,18 +266,20 @@ def train_config(argv: list[str]) -> train.Config:
     """train.py's flags as a train.Config, without the CPU demo's settings (train.DEMO): the
     benchmark times the model the flags describe, full size unless --width / --depth say less
     (--size-min 32: it times --size-max alone, which may then be below train.py's 320)."""
-    with mock.patch.dict(train.DEMO, {"size_min": 32}, clear=True):
-        return train.parse_config(argv)
+    with mock.patch.dict(train.DEMO, {"size_min": 32, "out": tempfile.mkdtemp()}, clear=True):
+        return train.read_command_line(argv)[0]
 
 
 def random_batches(n: int, batch: int, size: int, num_classes: int, objects: int = 8) -> list:
-    """n batches of random images (B, 3, size, size) with `objects` random boxes per image."""
+    """n batches of random uint8 images (B, 3, size, size), as train.py's loader gives them, with
+    `objects` random boxes per image."""
     g = torch.Generator().manual_seed(0)
     box = lambda: torch.cat([torch.randint(num_classes, (objects, 1), generator=g).float(),  # noqa: E731
                              size * (0.1 + 0.8 * torch.rand(objects, 2, generator=g)),    # cx, cy
                              size * (0.05 + 0.4 * torch.rand(objects, 2, generator=g)),   # w, h
                              torch.ones(objects, 1)], dim=1)                              # (O, 6)
-    return [(torch.randn(batch, 3, size, size, generator=g), [box() for _ in range(batch)])
+    return [(torch.randint(256, (batch, 3, size, size), generator=g, dtype=torch.uint8),
+             [box() for _ in range(batch)])
             for _ in range(n)]
 
 
@@ -297,7 +299,7 @@ def train_benchmark(cfg: train.Config, steps: int, device: torch.device,
     size, per_step = cfg.size_max, cfg.batch_size * cfg.accumulate
     batches = iter(random_batches((steps + 1) * cfg.accumulate, cfg.batch_size, size, num_classes))
     parts = train.Parts(model, model, optimizer, scaler, amp_dtype, device)
-    step = lambda: train.train_step(parts, batches, size, cfg)  # noqa: E731
+    step = lambda: train.train_step(parts, batches, cfg, 0, size, 1e-6)  # noqa: E731
     seconds = [timed_ms(step, device)[0] / 1000 for _ in range(steps + 1)]
     timed = sorted(seconds[1:])
     median = timed[len(timed) // 2]
@@ -378,19 +380,18 @@ def speed_benchmark(sizes=(416, 608), variants=tuple(SPEED_VARIANTS), device: st
                     verbose: bool = True) -> dict:
     """Median forward ms per image of every variant at every size, rounds interleaved (each
     round times every (size, variant) once) so load changes hit all alike; then the same after
-    evaluate.prepare_for_inference (conv+BN folded, NHWC, on CPUs the weights packed). Returns
+    evaluate.prepare_for_inference (conv+BN folded, NHWC), as evaluation runs them. Returns
     {"forward": {(folded, size, variant): wall ms}, "forward_cpu": the same in process CPU ms,
     "decode_nms": {size: time_decode_nms(size)}}."""
     dev = torch.device(device)
     models = {}
     for v in variants:
         torch.manual_seed(0)
-        models[v] = evaluate.load_model(None, num_classes=80, width=width, depth=depth,
-                                        **SPEED_VARIANTS[v]).eval().to(dev)
+        models[v] = Detector(80, width=width, depth=depth, **SPEED_VARIANTS[v]).eval().to(dev)
     times = {}
     for folded in (False, True) if fold else (False,):
-        if folded:   # as evaluation runs them: folded, NHWC, on CPUs packed
-            models = {v: evaluate.prepare_for_inference(m, in_place=True) for v, m in models.items()}
+        if folded:   # as evaluation runs them: folded, NHWC
+            models = {v: evaluate.prepare_for_inference(m) for v, m in models.items()}
         for r in range(warmup + runs):
             for s in sizes:
                 x = torch.randn(batch, 3, s, s, device=dev)                # (B, 3, S, S)
@@ -448,7 +449,7 @@ def speed_report(bench: dict, sizes, variants) -> tuple[str, dict]:
                                                                      folds, "cpu_")
     lines.append("ms per image, medians. fwd: wall time of the eval forward (it includes the "
                  "head's decode); cpu: process CPU time of it; folded: after "
-                 "prepare_for_inference (conv+BN folded, NHWC, packed on CPUs). decode, NMS: "
+                 "prepare_for_inference (conv+BN folded, NHWC). decode, NMS: "
                  "wall time on realistic_raw() outputs (CPU time in the JSON). FPS* = 1000 "
                  "/ (folded fwd + decode + NMS). paper FPS: V100, Tables 3-4.")
     return "\n".join(lines), summary
@@ -475,12 +476,10 @@ def import_checkout(folder: str) -> dict:
 
 
 def conv_roofline(device: torch.device, repeats: int = 5) -> float:
-    """GFLOP/s of one large 3x3 convolution (256 -> 256 channels on 104 x 104, NHWC, its weight
-    packed where prepare_for_inference packs ours): what this machine's convolution kernels
-    reach, the ceiling for a detector made of such convs."""
+    """GFLOP/s of one large 3x3 convolution (256 -> 256 channels on 104 x 104, NHWC, as
+    prepare_for_inference runs ours): what this machine's convolution kernels reach, the ceiling
+    for a detector made of such convs."""
     conv = torch.nn.Conv2d(256, 256, 3, padding=1, bias=False).to(device, memory_format=torch.channels_last)
-    if evaluate.can_pack(device):          # the fastest way this PyTorch runs it, as our models do
-        conv = evaluate.pack_conv(conv, torch.nn.Identity())
     x = torch.randn(1, 256, 104, 104, device=device).contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
         ms = median_ms(lambda: conv(x), repeats)
@@ -570,7 +569,7 @@ def against_report(med: dict, flops: dict, roof: float, sizes, train_size: int,
                  f"{theirs:.0f} ms, ratio {ours / theirs:.3f}")
     summary["train_step_ratio"] = round(ours / theirs, 4)
     lines.append("ms: medians of interleaved rounds, batch 1, fp32. ours: prepare_for_inference (folded, "
-                 "NHWC, packed); ref: the other checkout's plain eval forward, as its evaluation ran it.")
+                 "NHWC); ref: the other checkout's plain eval forward, as its evaluation ran it.")
     return "\n".join(lines), summary
 
 

@@ -136,6 +136,10 @@ def usage_error(argv: list[str]) -> str | None:
 
 
 def main(argv: list[str]) -> int:
+    if argv and argv[0] in ("-h", "--help", "help"):
+        print(__doc__)
+        print("exercises:", ", ".join(EXERCISES))
+        return 0
     problem = usage_error(argv)
     if problem:
         print(__doc__)

@@ -19,7 +19,7 @@ def randomize_bn(module, seed=1):
     """Give every BatchNorm non-trivial running statistics so eval mode is not an identity."""
     g = torch.Generator().manual_seed(seed)
     for m in module.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
+        if isinstance(m, (torch.nn.BatchNorm2d, torch.nn.SyncBatchNorm)):
             m.running_mean.copy_(0.1 * torch.randn(m.num_features, generator=g))
             m.running_var.copy_(0.5 + torch.rand(m.num_features, generator=g))
             m.weight.data.copy_(0.5 + torch.rand(m.num_features, generator=g))
@@ -53,14 +53,14 @@ def test_asff_equals_float64_per_position_loop(level):
     fuser = randomize_bn(ASFF(CHANNELS, level, 32)).eval()
     with torch.no_grad():
         resized = fuser.resize_all(pyramid())
-        y, w = fuser.fuse(resized)
+        y, w = fuser.combine(resized)
     strides = [32, 16, 8]
     B, C, H, W = y.shape
     for b in range(B):
         for i in range(H):
             for j in range(W):
                 x = [r[b, :, i, j].double() for r in resized]
-                v = torch.cat([conv_block_at(fuser.weight[f"s{s}"], xn) for s, xn in zip(strides, x)])
+                v = torch.cat([conv_block_at(fuser.weight_branch[f"s{s}"], xn) for s, xn in zip(strides, x)])
                 logits = fuser.weight_logits.weight.double()[:, :, 0, 0] @ v \
                     + fuser.weight_logits.bias.double()
                 a = torch.exp(logits) / torch.exp(logits).sum()            # Eq. 2
@@ -134,7 +134,7 @@ def test_resize_rejects_sizes_that_rounding_cannot_explain():
             Resize(8, 8, src, dst)
     with pytest.raises(ValueError, match="level 4"):
         ASFF(CHANNELS, 4, 32)
-    with pytest.raises(ValueError, match=r"fuses strides \[32, 16, 8\]; the pyramid has \[8, 16\]"):
+    with pytest.raises(ValueError, match=r"fuses strides \[32, 16, 8\]; the pyramid has \[16, 8\]"):
         ASFF(CHANNELS, 8, 32)({s: x for s, x in pyramid().items() if s != 32})
 
 
@@ -144,13 +144,13 @@ def test_eq6_selected_level_blocks_other_gradients_while_sum_passes_all():
         fuser.weight_logits.weight.zero_()
         fuser.weight_logits.bias.copy_(torch.tensor([60.0, 0.0, 0.0]))
     resized = [r.detach().requires_grad_(True) for r in fuser.resize_all(pyramid())]
-    y, _ = fuser.fuse(resized)
+    y, _ = fuser.combine(resized)
     y.sum().backward()
     assert torch.allclose(resized[0].grad, torch.ones_like(resized[0]))       # alpha = 1
     assert resized[1].grad.abs().max() < 1e-12 and resized[2].grad.abs().max() < 1e-12   # Eq. 6
     summed = ASFF(CHANNELS, 16, 32, mode="sum")
     resized = [r.detach().requires_grad_(True) for r in summed.resize_all(pyramid())]
-    summed.fuse(resized)[0].sum().backward()
+    summed.combine(resized)[0].sum().backward()
     for r in resized:                                                         # Eq. 5
         torch.testing.assert_close(r.grad, torch.ones_like(r))
 
@@ -196,11 +196,53 @@ def test_export_matches_eager():
         torch.testing.assert_close(exported(pyramid(seed=5)), fuser(pyramid(seed=5)))
 
 
-def test_conv_bn_folding_is_exact():
-    block = randomize_bn(ConvBN(8, 16, 3)).eval()
+@pytest.mark.parametrize("norm", [torch.nn.BatchNorm2d, torch.nn.SyncBatchNorm])
+def test_conv_bn_folding_is_exact(norm):
+    block = randomize_bn(ConvBN(8, 16, 3, norm=norm)).eval()
     x = torch.randn(2, 8, 10, 10)
     with torch.no_grad():
         before = block(x)
         block.fuse_bn()
         torch.testing.assert_close(block(x), before, rtol=1e-5, atol=1e-5)
     assert isinstance(block.bn, torch.nn.Identity)
+
+
+def test_asff_py_imports_on_python_3_8():
+    """No 3.10-only syntax, and annotations (X | None, list[...]) are never evaluated: postponed
+    by `from __future__ import annotations`; `|` between types appears only inside annotations."""
+    import ast
+    from pathlib import Path
+    source = (Path(__file__).resolve().parents[1] / "asff.py").read_text()
+    tree = ast.parse(source, feature_version=(3, 8))
+    assert any(isinstance(n, ast.ImportFrom) and n.module == "__future__" and n.names[0].name == "annotations"
+               for n in tree.body)
+    annotations = {id(sub) for n in ast.walk(tree) for a in (getattr(n, "annotation", None),
+                                                            getattr(n, "returns", None)) if a is not None
+                   for sub in ast.walk(a)}
+    assert not [ast.unparse(n) for n in ast.walk(tree)
+                if isinstance(n, ast.BinOp) and isinstance(n.op, ast.BitOr) and id(n) not in annotations]
+    assert not [n.value.id for n in ast.walk(tree) if isinstance(n, ast.Subscript) and isinstance(
+        n.value, ast.Name) and n.value.id in ("list", "dict", "tuple", "type") and id(n) not in annotations]
+
+
+def test_fuse_gives_forward_and_the_eq2_maps_in_one_pass():
+    fuser = randomize_bn(ASFF(CHANNELS, 16, 32)).eval()
+    x = pyramid()
+    with torch.no_grad():
+        y, w = fuser.fuse(x)
+        torch.testing.assert_close(fuser.expand(y), fuser(x))
+        torch.testing.assert_close(w, fuser.fusion_weights(fuser.resize_all(x)))
+
+
+def test_detector_folds_sync_batch_norm():
+    from head import Detector
+    torch.manual_seed(0)
+    model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(
+        randomize_bn(Detector(3, fusion="asff", width=0.125, depth=0.33))).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        before = model.features(x)                                # the head inputs, by stride
+        model.fuse_conv_bn()
+        for s, f in model.features(x).items():
+            torch.testing.assert_close(f, before[s], rtol=1e-4, atol=1e-4 * before[s].abs().max().item())
+    assert not any(isinstance(m, (torch.nn.BatchNorm2d, torch.nn.SyncBatchNorm)) for m in model.modules())

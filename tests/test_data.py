@@ -35,6 +35,7 @@ from data import (
     random_size,
     resize_batch,
 )
+from loss import box_iou
 
 REPO = Path(__file__).resolve().parents[1]
 # COCO's 80 category ids: 1..90 without these ten
@@ -125,7 +126,7 @@ def test_each_geometric_step_keeps_boxes_on_the_pixels(step):
         changed += wh != (160, 120) or not np.allclose(T, np.eye(3))
         M = data.resize_matrix(wh, 320) @ T  # the step, then the final resize (2x or more:
         warped = data.warp(image, M, 320)  # one source pixel off would be 2 pixels here)
-        expected = data._move_boxes(data.resize_matrix(wh, 320), out)
+        expected = data.move_boxes(data.resize_matrix(wh, 320), out)
         assert len(expected) == 1
         assert np.abs(white_box(warped) - expected[0, :4]).max() <= 1.0, (seed, step.__name__)
     assert changed >= 3  # the step did something on most seeds
@@ -195,8 +196,8 @@ def test_affine_translation_uses_width_for_x_and_height_for_y():
     assert np.abs(ty).max() <= 4  # 0.1 * H
 
 
-def test_color_distort_hand_numbers():
-    pixel = lambda rgb, **kw: np.asarray(data.color_distort(Image.new("RGB", (2, 2), rgb), **kw))[0, 0]  # noqa: E731, E501
+def test_colour_distort_hand_numbers():
+    pixel = lambda rgb, **kw: np.asarray(data.colour_distort(Image.new("RGB", (2, 2), rgb), **kw))[0, 0]  # noqa: E731, E501
     assert pixel((100, 100, 100), brightness=10, contrast=1.2).tolist() == [132, 132, 132]
     assert pixel((250, 5, 0), brightness=10).tolist() == [255, 15, 10]  # clipped at 255
     np.testing.assert_allclose(pixel((255, 0, 0), hue=18), (255, 153, 0), atol=4)  # 36 degrees
@@ -354,7 +355,7 @@ def test_synthetic_images_match_json_and_have_the_promised_content(tmp_path):
     paths = make_synthetic(tmp_path, n_train=40, n_val=2, image_size=128, seed=1)
     ds = CocoDetection(paths["train_images"], paths["train_json"])
     image, _ = ds.load_image(0)
-    assert image.shape == (128, 128, 3) and Image.open(ds._files[0]).format == "PNG"
+    assert image.shape == (128, 128, 3) and Image.open(ds.files[0]).format == "PNG"
     rows = np.concatenate([ds.load_targets(i) for i in range(len(ds))])
     sides = np.minimum(rows[:, 2] - rows[:, 0], rows[:, 3] - rows[:, 1])
     assert set(rows[:, 4].astype(int)) == set(range(len(data.SYNTHETIC_CLASSES)))
@@ -365,7 +366,7 @@ def test_synthetic_images_match_json_and_have_the_promised_content(tmp_path):
     overlaps = 0
     for i in range(len(ds)):
         b = ds.load_targets(i)[:, :4]
-        iou = data.pairwise_iou(b, b)
+        iou = box_iou(torch.from_numpy(b), torch.from_numpy(b)).numpy()
         overlaps += (iou[np.triu_indices(len(b), 1)] > 0).sum()
     assert overlaps > 0  # some occlusion
 
@@ -697,7 +698,7 @@ def test_ground_truth_for_scoring_is_what_the_loader_kept(tmp_path):
 # PIL's HSV round trip on all of it, then the crop window cut out and one general PIL warp.
 
 
-def old_color_distort(image, brightness, contrast, hue, saturation):
+def old_colour_distort(image, brightness, contrast, hue, saturation):
     if brightness != 0 or contrast != 1:
         lut = np.clip(np.clip(np.arange(256) + brightness, 0, 255) * contrast, 0, 255)
         image = image.point(np.tile(lut.round().astype(np.uint8), 3).tolist())
@@ -717,7 +718,7 @@ def old_warp(image, M, size, resample=Image.BILINEAR, window=None):
     if window is not None:
         x1, y1 = max(0, round(window[0])), max(0, round(window[1]))
         x2, y2 = min(image.width, round(window[2])), min(image.height, round(window[3]))
-        image, M = image.crop((x1, y1, x2, y2)), M @ data._translation(x1, y1)
+        image, M = image.crop((x1, y1, x2, y2)), M @ data.translation(x1, y1)
     inverse = tuple(np.linalg.inv(M)[:2].ravel())
     return image.transform((size, size), Image.AFFINE, inverse, resample, fillcolor=FILL)
 
@@ -726,20 +727,20 @@ def old_sample(ds, index):
     """TrainDataset[index] (mixup on) as the old pipeline made it, from the same draws."""
     rng = np.random.default_rng([ds.seed, ds.epoch, index])
     lam, partner = draw_mixup(rng, index, len(ds))
-    images = [data.open_rgb(str(ds.data._files[j])) for j in (index, partner)]
+    images = [data.open_rgb(str(ds.data.files[j])) for j in (index, partner)]
     W, H = max(im.width for im in images), max(im.height for im in images)
     canvases = [Image.new("RGB", (W, H)) for _ in images]
     for canvas, im in zip(canvases, images, strict=True):
         canvas.paste(im)
     image = Image.blend(*canvases, 1 - lam)
     rows = data.mixup_rows(ds.data.load_targets(index), ds.data.load_targets(partner), lam)
-    distorted = old_color_distort(image, *data.draw_colour(rng))
+    distorted = old_colour_distort(image, *data.draw_colour(rng))
     M, out, window = data.geometry(rng, rows, (W, H), ds.size)
     out = out[np.minimum(out[:, 2] - out[:, 0], out[:, 3] - out[:, 1]) > ds.min_size]
     resample = (Image.NEAREST, Image.BILINEAR)[rng.integers(2)]
     if len(rows) and not len(out):
         M = data.resize_matrix((W, H), ds.size)
-        return old_warp(image, M, ds.size), data._move_boxes(M, rows)
+        return old_warp(image, M, ds.size), data.move_boxes(M, rows)
     return old_warp(distorted, M, ds.size, resample, window), out
 
 
@@ -783,8 +784,21 @@ def test_rotate_hue_gives_pils_hsv_round_trip_values():
     rgb[1, :, :] = [[255, v, 0] for v in range(256)]
     image = Image.fromarray(rgb)
     for hue in (-18, -7, 1, 9, 18, 90):
-        old = old_color_distort(image, 0, 1, hue, 1)
+        old = old_colour_distort(image, 0, 1, hue, 1)
         assert np.array_equal(np.asarray(data.rotate_hue(image, hue)), np.asarray(old)), hue
+
+
+def test_rotate_hue_turns_hsv_hue_and_keeps_saturation_and_value():
+    """Against colorsys in float64: hue + 2 * hue degrees (OpenCV's unit), S and V kept. PIL's 8-bit
+    HSV rounds the pixel's hue and the shift (half a step of 255 * 6 / 256 grey levels each), S, V."""
+    import colorsys
+    rgb = np.random.default_rng(0).integers(0, 256, (32, 32, 3), np.uint8)
+    for hue in (-18, -7, 1, 9, 90):
+        turned = np.asarray(data.rotate_hue(Image.fromarray(rgb), hue)).astype(float)
+        expected = np.array([[colorsys.hsv_to_rgb((h + hue / 180) % 1, s, v) for h, s, v in
+                              (colorsys.rgb_to_hsv(*(p / 255)) for p in row)] for row in rgb]) * 255
+        error = np.abs(turned - expected)
+        assert error.max() <= 10 and error.mean() < 2, (hue, error.max(), error.mean())
 
 
 def test_colour_and_mixup_on_the_window_equal_colour_on_the_whole_image():
@@ -793,10 +807,10 @@ def test_colour_and_mixup_on_the_window_equal_colour_on_the_whole_image():
     rng = np.random.default_rng(1)
     a = Image.fromarray(rng.integers(0, 256, (60, 80, 3), np.uint8))
     b = Image.fromarray(rng.integers(0, 256, (70, 50, 3), np.uint8))
-    M = data.random_affine(rng, np.zeros((0, 6)), (80, 70))[0] @ data._translation(-10, -5)
+    M = data.random_affine(rng, np.zeros((0, 6)), (80, 70))[0] @ data.translation(-10, -5)
     plan = data.Plan((12.0, 1.3, 11, 0.7), data.resize_matrix((50, 45), 96) @ M, (10, 5, 60, 50),
                      Image.NEAREST, np.zeros((0, 6)))
-    whole = old_color_distort(data.mixup(a, b, 0.3), *plan.colour)
+    whole = old_colour_distort(data.mixup(a, b, 0.3), *plan.colour)
     expected = old_warp(whole, plan.M, 96, Image.NEAREST, plan.window)
     assert np.array_equal(np.asarray(data.render([a, b], 0.3, plan, 96)), np.asarray(expected))
 
@@ -807,7 +821,7 @@ def test_scaled_warp_by_resize_is_bilinear_interpolation(mirror):
     interpolation at the pixel centres to 1 grey level (resize rounds after each of its two
     passes); outside the image the mean colour."""
     rgb = np.random.default_rng(0).integers(0, 256, (40, 50, 3), np.uint8)
-    M = data._translation(10, 6) @ np.diag([1.7, 2.3, 1])  # 85 x 92 px at (10, 6) in 112 x 112
+    M = data.translation(10, 6) @ np.diag([1.7, 2.3, 1])  # 85 x 92 px at (10, 6) in 112 x 112
     if mirror:
         M = np.array([[-1, 0, 112], [0, 1, 0], [0, 0, 1]]) @ M
     fast = np.asarray(data.warp(Image.fromarray(rgb), M, 112)).astype(float)
@@ -865,9 +879,10 @@ def test_check_reads_a_set_as_training_does_and_summarises_it(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "3 images (1 without boxes)" in printed and "4 boxes to train on in 2 classes" in printed
     assert "boxes per class: cat 2, dog 2\n" in printed  # by hand: 1, 3 cat; 2, 5 dog; 6 crowd
-    assert "1 skipped (zero or negative width/height)" in printed
-    assert "0 skipped (outside the image)" in printed and "1 clipped (partly outside the image)" in printed
-    assert "crowd: 1" in printed and "widths 20-40, heights 30-50 px" in printed
+    assert "  1 box(es) zero or negative width/height, skipped; annotation ids [4]\n" in printed
+    assert "  1 box(es) partly outside the image, clipped; annotation ids [5]\n" in printed
+    assert "outside the image, skipped" not in printed and "[x1, y1, x2, y2]" not in printed  # 1 of 6
+    assert "crowd boxes: 1" in printed and "widths 20-40, heights 30-50 px" in printed
     assert "decoded all 3 images" in printed
     (tmp_path / "c.png").write_bytes(b"not a png")
     data.main(["--check", "--images", str(tmp_path), "--ann", str(tmp_path / "set.json")])
@@ -886,3 +901,241 @@ def test_check_on_a_bad_file_ends_with_one_line_and_status_2(tmp_path):
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
     assert done.stderr.splitlines() == [f"error: {folder / 'bad.json'}: annotations[1] (id 2): 'bbox' "
                                         '''is [5, 5, "20", 20], not 4 finite numbers [x, y, w, h]''']
+
+
+def test_check_lists_clipped_ids_and_suspects_corner_boxes(tmp_path, capsys):
+    """Seven of eight boxes written as [x1, y1, x2, y2] by mistake: read as [x, y, w, h] they reach
+    past the 100 x 80 image, which --check says with their ids, and names the likely cause."""
+    corners = [(50, 40, 90, 70), (60, 10, 95, 50), (30, 30, 80, 75), (45, 5, 70, 60),
+               (52, 44, 99, 79), (70, 20, 98, 60), (41, 41, 60, 60), (5, 5, 30, 30)]  # the last fits
+    folder, ann = write_coco(tmp_path, [("a.png", Image.new("RGB", (100, 80)), (100, 80))],
+                             [(k + 1, 1, 1, box) for k, box in enumerate(corners)])
+    with pytest.warns(UserWarning) as said:
+        CocoDetection(folder, ann)
+    assert re.search(r"7 of 8 boxes reach past their image: are they \[x1, y1", str(said[-1].message))
+    data.main(["--check", "--images", folder, "--ann", ann])
+    printed = capsys.readouterr().out
+    assert "  7 box(es) partly outside the image, clipped; annotation ids [1, 2, 3, 4, 5] ...\n" in printed
+    assert "A COCO bbox is [x, y, width, height]" in printed
+    folder, ann = write_coco(tmp_path, [("a.png", None, (100, 80))],  # 1 of 2 clipped: no hint
+                             [(1, 1, 1, corners[0]), (2, 1, 1, corners[7])], name="half.json")
+    data.main(["--check", "--images", folder, "--ann", ann])
+    printed = capsys.readouterr().out
+    assert "clipped; annotation ids [1]\n" in printed and "[x1, y1, x2, y2]" not in printed
+
+
+def test_categories_without_a_training_box_are_named_once_on_rank_0(tmp_path, capsys, monkeypatch):
+    """One labelling tool exports a category 0 named after the project, with no boxes; a crowd-only
+    category has no training box either (crowd boxes are scored, not trained on, by default)."""
+    categories = [{"id": 0, "name": "my-project"}, {"id": 1, "name": "cat"}, {"id": 2, "name": "dog"}]
+    folder, ann = write_coco(tmp_path, [("a.png", Image.new("RGB", (50, 50)), (50, 50))],
+                             [(1, 1, 1, (1, 1, 10, 10)), (2, 1, 2, (20, 20, 10, 10))], categories)
+    content = json.loads(Path(ann).read_text())
+    content["annotations"][1]["iscrowd"] = 1
+    Path(ann).write_text(json.dumps(content))
+    monkeypatch.delenv("RANK", raising=False)
+    TrainDataset(CocoDetection(folder, ann))
+    said = capsys.readouterr().err.splitlines()
+    assert len(said) == 1 and said[0].startswith(f"warning: {ann}: categories without a training box")
+    assert said[0].endswith('(id name): 0 "my-project", 2 "dog"')
+    TrainDataset(CocoDetection(folder, ann, include_crowd=True))
+    assert capsys.readouterr().err.endswith('(id name): 0 "my-project"\n')
+    monkeypatch.setenv("RANK", "1")  # other DDP ranks say nothing
+    TrainDataset(CocoDetection(folder, ann))
+    assert capsys.readouterr().err == ""
+
+
+def test_validation_split_alone_is_the_one_a_training_set_comes_with(tmp_path):
+    kwargs = dict(n_val=3, image_size=64, seed=2)
+    alone = make_synthetic(tmp_path / "a", n_train=0, **kwargs)
+    full = make_synthetic(tmp_path / "b", n_train=4, **kwargs)
+    assert alone["train_images"] is None and alone["train_json"] is None
+    assert sorted(p.name for p in Path(alone["root"]).iterdir()) == ["val", "val.json"]  # nothing else
+    assert Path(alone["val_json"]).read_bytes() == Path(full["val_json"]).read_bytes()
+    images = {split: {p.name: p.read_bytes() for p in Path(paths["val_images"]).iterdir()}
+              for split, paths in (("alone", alone), ("full", full))}
+    assert images["alone"] == images["full"] and len(images["alone"]) == 3
+    assert len(CocoDetection(alone["val_images"], alone["val_json"])) == 3
+
+
+WORKERS_MAIN = '''
+import os, sys
+import torch
+import data
+
+class Numbers(torch.utils.data.Dataset):
+    def __len__(self):
+        return 10_000
+    def __getitem__(self, i):
+        with open(sys.argv[2], "a") as f:  # the worker's pid, to see that it is gone afterwards
+            f.write(f"{os.getpid()}\\n")
+        return torch.tensor([i])
+
+LOADERS = []  # the iterator outlives main(), as through a traceback's reference cycle
+
+def main(argv):
+    loader = torch.utils.data.DataLoader(Numbers(), batch_size=2, num_workers=2,
+                                         worker_init_fn=data.ignore_stop_signals)
+    LOADERS.append(iter(loader))
+    for k, _ in enumerate(LOADERS[0]):
+        if k == 3:
+            raise {"user": data.DataError("x.json: bad input, mid-epoch"), "bug": RuntimeError("a bug"),
+                   "exit": SystemExit(3)}[sys.argv[1]]
+
+data.exit_on_user_error(main)
+'''
+
+
+@pytest.mark.parametrize("error, status", [("user", 2), ("bug", 1), ("exit", 3)])
+def test_an_error_while_loader_workers_run_ends_the_process_and_the_workers(tmp_path, error, status):
+    """The workers ignore SIGTERM (ignore_stop_signals), with which Python's exit ends its children
+    before joining them: without exit_on_user_error's kill the process waits forever."""
+    (tmp_path / "main.py").write_text(WORKERS_MAIN)
+    done = subprocess.run([sys.executable, str(tmp_path / "main.py"), error, str(tmp_path / "pids")],
+                          capture_output=True, text=True, timeout=120, cwd=REPO,
+                          env=os.environ | {"PYTHONPATH": str(REPO), "ASFF_DEBUG": ""})
+    assert done.returncode == status, done.stderr
+    if error == "user":
+        assert done.stderr == "error: x.json: bad input, mid-epoch\n"
+    assert ("RuntimeError: a bug" in done.stderr) == (error == "bug")
+    pids = set(map(int, (tmp_path / "pids").read_text().split()))
+    assert len(pids) == 2
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+# ---- files shaped like labelling tools' exports and like COCO's own ------------------------------
+
+
+def export_like(tool, root):
+    """(image folder, annotation file, {file name: expected training rows}, class names) of a small
+    export laid out and keyed as `tool` writes it; two images, hand-made boxes."""
+    jpeg = lambda path, size: (path.parent.mkdir(parents=True, exist_ok=True),  # noqa: E731
+                               Image.new("RGB", size, (90, 120, 150)).save(path, quality=90))
+    if tool == "cvat":  # annotations/instances_default.json beside images/; extra keys everywhere
+        for name in ("frame_000000.jpg", "frame_000001.jpg"):
+            jpeg(root / "images" / name, (64, 48))
+        content = {"licenses": [{"name": "", "id": 0, "url": ""}],
+                   "info": {"contributor": "", "date_created": "", "version": "", "year": ""},
+                   "categories": [{"id": 1, "name": "car", "supercategory": ""},
+                                  {"id": 2, "name": "person", "supercategory": ""}],
+                   "images": [{"id": k + 1, "width": 64, "height": 48, "file_name": f"frame_00000{k}.jpg",
+                               "license": 0, "flickr_url": "", "coco_url": "", "date_captured": 0}
+                              for k in range(2)],
+                   "annotations": [
+                       {"id": 1, "image_id": 1, "category_id": 2, "segmentation": [], "area": 120.0,
+                        "bbox": [10.5, 4.0, 12.0, 10.0], "iscrowd": 0,
+                        "attributes": {"occluded": False, "rotation": 0.0}},
+                       {"id": 2, "image_id": 2, "category_id": 1, "segmentation": [], "area": 600.0,
+                        "bbox": [30.0, 20.0, 30.0, 20.0], "iscrowd": 0, "attributes": {"occluded": True}}]}
+        ann, folder = root / "annotations" / "instances_default.json", root / "images"
+        rows = {"frame_000000.jpg": [[10.5, 4, 22.5, 14, 1, 1]], "frame_000001.jpg": [[30, 20, 60, 40, 0, 1]]}
+        names = ["car", "person"]
+    elif tool == "label-studio":  # result.json beside images/, file names with the sub-folder, ids from 0
+        for name in ("1a2b3c-dog.jpg", "4d5e6f-cat.jpg"):
+            jpeg(root / "images" / name, (40, 30))
+        content = {"images": [{"width": 40, "height": 30, "id": k, "file_name": f"images/{name}"}
+                              for k, name in enumerate(("1a2b3c-dog.jpg", "4d5e6f-cat.jpg"))],
+                   "categories": [{"id": 0, "name": "cat"}, {"id": 1, "name": "dog"}],
+                   "annotations": [{"id": 0, "image_id": 0, "category_id": 1, "segmentation": [],
+                                    "bbox": [2, 3, 20, 15], "ignore": 0, "iscrowd": 0, "area": 300},
+                                   {"id": 1, "image_id": 1, "category_id": 0, "segmentation": [],
+                                    "bbox": [0, 0, 40, 30], "ignore": 0, "iscrowd": 0, "area": 1200}],
+                   "info": {"year": 2024, "version": "1.0", "contributor": "Label Studio"}}
+        ann, folder = root / "result.json", root
+        rows = {"images/1a2b3c-dog.jpg": [[2, 3, 22, 18, 1, 1]],
+                "images/4d5e6f-cat.jpg": [[0, 0, 40, 30, 0, 1]]}
+        names = ["cat", "dog"]
+    elif tool == "roboflow":  # the annotation file inside the image folder; category 0 = the project
+        for name in ("img1_jpg.rf.0a1b.jpg", "img2_jpg.rf.2c3d.jpg"):
+            jpeg(root / "train" / name, (32, 32))
+        content = {"info": {"year": "2024", "description": "Exported from roboflow.com"},
+                   "licenses": [{"id": 1, "url": "https://creativecommons.org/licenses/by/4.0/",
+                                 "name": "CC BY 4.0"}],
+                   "categories": [{"id": 0, "name": "pets-xyz", "supercategory": "none"},
+                                  {"id": 1, "name": "cat", "supercategory": "pets-xyz"}],
+                   "images": [{"id": k, "license": 1, "file_name": name, "height": 32, "width": 32,
+                               "date_captured": "2024-01-01T00:00:00+00:00"}
+                              for k, name in enumerate(("img1_jpg.rf.0a1b.jpg", "img2_jpg.rf.2c3d.jpg"))],
+                   "annotations": [{"id": 0, "image_id": 0, "category_id": 1, "bbox": [4, 4, 8.5, 10],
+                                    "area": 85, "segmentation": [], "iscrowd": 0}]}
+        ann, folder = root / "train" / "_annotations.coco.json", root / "train"
+        rows = {"img1_jpg.rf.0a1b.jpg": [[4, 4, 12.5, 14, 1, 1]], "img2_jpg.rf.2c3d.jpg": []}
+        names = ["pets-xyz", "cat"]
+    else:  # COCO's own: polygons, an RLE crowd region, COCO-sized ids, categories with gaps
+        for name in ("000000397133.jpg", "000000037777.jpg"):
+            jpeg(root / "val2017" / name, (80, 60))
+        content = {"info": {"description": "COCO 2017 Dataset"}, "licenses": [{"id": 4, "name": "x"}],
+                   "images": [{"license": 4, "file_name": name, "coco_url": "", "height": 60, "width": 80,
+                               "date_captured": "2013-11-14 17:02:52", "id": int(name[:12])}
+                              for name in ("000000397133.jpg", "000000037777.jpg")],
+                   "categories": [{"supercategory": "person", "id": 1, "name": "person"},
+                                  {"supercategory": "kitchen", "id": 44, "name": "bottle"}],
+                   "annotations": [
+                       {"segmentation": [[10, 10, 30, 10, 30, 40, 10, 40]], "area": 600.0, "iscrowd": 0,
+                        "image_id": 397133, "bbox": [10.0, 10.0, 20.0, 30.0], "category_id": 44, "id": 82445},
+                       {"segmentation": {"counts": [0, 30, 30, 1000], "size": [60, 80]}, "area": 900.0,
+                        "iscrowd": 1, "image_id": 397133, "bbox": [40.0, 5.0, 30.0, 30.0], "category_id": 1,
+                        "id": 900100397133},
+                       {"segmentation": [[1.5, 2.5, 60.2, 2.5, 60.2, 50.0]], "area": 1400.0, "iscrowd": 0,
+                        "image_id": 37777, "bbox": [1.5, 2.5, 58.7, 47.5], "category_id": 1, "id": 1234567}]}
+        ann, folder = root / "annotations" / "instances_val2017.json", root / "val2017"
+        rows = {"000000397133.jpg": [[10, 10, 30, 40, 1, 1]],
+                "000000037777.jpg": [[1.5, 2.5, 60.2, 50, 0, 1]]}
+        names = ["person", "bottle"]
+    ann.parent.mkdir(parents=True, exist_ok=True)
+    ann.write_text(json.dumps(content))
+    return str(folder), str(ann), rows, names
+
+
+@pytest.mark.parametrize("tool", ["cvat", "label-studio", "roboflow", "coco"])
+def test_labelling_tool_and_coco_exports_load_and_check(tmp_path, capsys, tool):
+    folder, ann, rows, names = export_like(tool, tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing skipped, clipped or odd in any of them
+        ds = CocoDetection(folder, ann)
+    assert ds.class_names == names
+    assert [Path(f).relative_to(folder).as_posix() for f in ds.files] == list(rows)
+    for i, expected in enumerate(rows.values()):
+        np.testing.assert_allclose(ds.load_targets(i), np.reshape(expected, (-1, 6)))
+        assert ds.load_image(i)[0].shape == (*ds.sizes[i, ::-1], 3)
+    n_crowd = int(tool == "coco")  # the RLE region: scored as COCO's ignore region, not trained on
+    assert len(ds.coco.getAnnIds()) == sum(map(len, rows.values())) + n_crowd
+    assert len(ds.coco.getAnnIds(iscrowd=True)) == n_crowd
+    data.main(["--check", "--images", folder, "--ann", ann])
+    printed = capsys.readouterr().out
+    per_class = np.bincount([int(r[4]) for image in rows.values() for r in image], minlength=2)
+    assert f"boxes per class: {names[0]} {per_class[0]}, {names[1]} {per_class[1]}\n" in printed
+    assert f"crowd boxes: {n_crowd} " in printed and "decoded all 2 images" in printed
+    train = TrainDataset(ds, size=64, seed=0)
+    said = capsys.readouterr().err  # the project-named empty category, and only there
+    assert ('categories without a training box, which the model learns never to predict (id name): '
+            '0 "pets-xyz"' in said) == (tool == "roboflow")
+    images, targets = collate([train[0], train[1]])
+    assert images.shape == (2, 3, 64, 64) and all(t.shape[1] == 6 for t in targets)
+
+
+def test_to_input_finishes_a_uint8_batch_as_collate_and_resize_batch_do(tiny):
+    """The device-side path (uint8 to the device, normalised and resized there) against a float64
+    reference: (x / 255 - mean) / std, bilinear to the size, boxes scaled by size / side."""
+    train = TrainDataset(CocoDetection(tiny["train_images"], tiny["train_json"]), size=96)
+    batch = [train[i] for i in range(4)]
+    images, targets = data.stack_batch(batch)
+    assert images.dtype == torch.uint8 and images.shape == (4, 3, 96, 96)
+    mean, std = (torch.tensor(v, dtype=torch.float64).view(1, 3, 1, 1) for v in (MEAN, STD))
+    reference = (images.double() / 255 - mean) / std
+    for size in (None, 96, 64, 128):
+        x, t = data.to_input(images, targets, size)
+        side = size or 96
+        expected = torch.nn.functional.interpolate(reference, (side, side), mode="bilinear")
+        assert x.dtype == torch.float32 and x.shape == (4, 3, side, side)
+        assert (x.double() - expected).abs().max() < 1e-5
+        for mine, rows in zip(t, batch, strict=True):
+            x1, y1, x2, y2, cls, mix = rows[1].double().unbind(1)
+            s = side / 96
+            hand = torch.stack([cls, (x1 + x2) / 2 * s, (y1 + y2) / 2 * s, (x2 - x1) * s, (y2 - y1) * s,
+                                mix], 1)
+            torch.testing.assert_close(mine.double(), hand, rtol=1e-6, atol=1e-4)  # float32 rounding
+    x, t = collate(batch)
+    assert torch.equal(x, data.to_input(images, targets)[0])  # collate is this path at the same size

@@ -101,3 +101,11 @@ def test_exercise_command_names_what_is_wrong(argv, problem):
     done = subprocess.run([sys.executable, "tests/exercise.py", *argv], cwd=REPO,
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and done.stderr.strip() == f"error: {problem}"
+
+
+@pytest.mark.parametrize("flag", ["-h", "--help"])
+def test_exercise_help_prints_the_usage_and_exits_0(flag):
+    done = subprocess.run([sys.executable, "tests/exercise.py", flag], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stderr == ""
+    assert "python tests/exercise.py list" in done.stdout and all(n in done.stdout for n in EXERCISES)

@@ -848,7 +848,7 @@ def test_demo_terms_equal_their_hand_sums(capsys):
     assert terms["cls"][0] == pytest.approx(3 * 3 * math.log(2), rel=1e-6)   # 3 positives x 3 classes
     assert terms["obj"][0] == pytest.approx(255 * math.log(2), rel=1e-6)     # 256 slots, 1 ignored
     printed = capsys.readouterr().out
-    assert "(the anchor-free slot takes it)" in printed and "its level is stride 16" in printed
+    assert "(the anchor-free slot takes it)" in printed and "its anchor is on another level" in printed
 
 
 
