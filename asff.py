@@ -7,9 +7,8 @@ Each pyramid level n is resized to the shape of x^l (Sec. 3.2), then the maps x^
 
 so alpha + beta + gamma = 1 per position, shared by all channels; la, lb, lc: 1x1 convs.
 
-Level naming: the paper numbers levels coarse to fine (level 1 = stride 32, 3 = stride 8), the
-authors' code indexes stride 32 as 0; here a pyramid is a dict {stride: tensor}, and the fusion
-weights run coarse to fine (channel 0 weights the stride-32 source).
+Level naming: the paper's levels 1, 2, 3 run coarse to fine, strides 32, 16, 8 (the authors' code
+indexes stride 32 as 0); here a pyramid is a dict {stride: tensor}, the weights run coarse to fine.
 
 Public entry points (this file needs only torch, and imports on Python 3.8+, so it can be copied):
     ConvBN(c_in, c_out, k, stride=1, *, norm, act)    conv (no bias) + norm + act, fuse_bn()
@@ -40,7 +39,7 @@ from .parameters(), .to() and state_dict(): never trained or saved):
 
 Departures from the authors' code: one module parametrised by the channel dict, not a class per
 level; any number of levels (down by 2^k: k-1 max-pools, one stride-2 conv; up: one nearest
-interpolation); any map sizes (released: multiples of 32, where fit_to keeps every row).
+interpolation); any map sizes (released: multiples of 32, where fit_to returns the map as it is).
 """
 
 from __future__ import annotations
@@ -66,9 +65,9 @@ class ConvBN(nn.Module):
                  norm: Norm = nn.BatchNorm2d, act: Act | None = leaky_relu):
         super().__init__()
         if isinstance(norm, nn.Module) or isinstance(act, nn.Module):
-            given = norm if isinstance(norm, nn.Module) else act
             raise TypeError(f"norm and act build one module per block: give a class or function "
-                            f"(act=nn.ReLU, norm=nn.BatchNorm2d), not the module {given}")
+                            f"(act=nn.ReLU, norm=nn.BatchNorm2d), not the module "
+                            f"{norm if isinstance(norm, nn.Module) else act}")
         self.conv = nn.Conv2d(c_in, c_out, k, stride, padding=(k - 1) // 2, bias=False)
         try:
             self.bn = norm(c_out)              # named `bn` for the released key names
@@ -130,8 +129,10 @@ class Resize(nn.Module):
         down-sampling then lands on the target and up-sampling by r overshoots by up to r-1 rows
         (cut). Pyramids that round down (n // 2) get one row too many down (cut) and up to r-1 too
         few up (the last repeated). Cell (i, j) at stride s stays on cell (i // r, j // r) at r*s."""
-        (h, w), (H, W) = x.shape[-2:], size    # no shortcut when equal, no check traced: export guards
-        if not tracing() and (abs(h - H) > self.up or abs(w - W) > self.up):
+        (h, w), (H, W) = x.shape[-2:], size    # traced (export): no shortcut, no check, no guards
+        if not tracing() and (h, w) == (H, W):
+            return x                           # exact multiples: the released computation
+        if not tracing() and max(abs(h - H), abs(w - W)) > self.up:
             raise ValueError(f"Resize s{self.src_stride}->s{self.dst_stride} gives {h}x{w}, the target is "
                              f"{H}x{W}: not rounding; are the pyramid's keys its strides?")
         rows = torch.arange(H, device=x.device).clamp(max=h - 1)        # (H,) i -> min(i, h-1)

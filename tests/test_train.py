@@ -24,6 +24,7 @@ import data
 import evaluate
 import train
 from head import Detector
+from test_data import export_like
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--width", "0.125", "--depth", "0.33", "--synthetic-train", "16", "--synthetic-val", "4",
@@ -425,3 +426,26 @@ def test_two_ranks_equal_one_process_on_the_same_total_batch(tmp_path, monkeypat
             torch.testing.assert_close(ddp_step, step, rtol=1e-3, atol=5e-3 * step.abs().max(), msg=key)
             moved += bool(step.abs().max() > 1e-6)
     assert moved > 50
+
+
+@pytest.mark.parametrize("tool", ["label-studio", "roboflow", "coco"])
+def test_labelling_tool_exports_train_evaluate_and_detect(tmp_path, capsys, tool):
+    """Files shaped like a labelling tool's export (ids from 0, file names with a sub-folder, the
+    annotation file inside the image folder, an unlabelled category 0) or like COCO's own (an RLE
+    crowd region, COCO-sized ids, categories with gaps) through train.py, evaluate.py and --detect;
+    their ground truth scored as detections gives AP exactly 1.0."""
+    folder, ann, _, names = export_like(tool, tmp_path / "set")
+    ds = data.CocoDetection(folder, ann)
+    truth = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 1.0}
+             for a in ds.coco.dataset["annotations"] if not a.get("iscrowd")]
+    assert evaluate.coco_score(ds.coco, truth, verbose=False)["AP"] == pytest.approx(1.0, abs=1e-12)
+    out = tmp_path / "run"
+    own = ["--train-images", folder, "--train-ann", ann, "--val-images", folder, "--val-ann", ann]
+    model = train.main(TINY + own + ["--batch-size", "1", "--max-iters", "2", "--out", str(out)])
+    assert model.num_classes == len(names) and load(out / "last.pt")["class_names"] == names
+    evaluate.main(["--weights", str(out / "last.pt"), "--images", folder, "--ann", ann,
+                   "--out", str(out / "ev")])
+    assert set(evaluate.PAPER_COLUMNS) <= set(json.loads((out / "ev" / "metrics.json").read_text()))
+    evaluate.main(["--detect", folder, "--weights", str(out / "last.pt"), "--out", str(out / "found")])
+    assert isinstance(json.loads((out / "found" / "detections.json").read_text()), list)
+    assert len(list((out / "found").glob("*.png"))) == 2
