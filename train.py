@@ -313,7 +313,8 @@ class Stopped(Exception):
     """A signal came: last.pt is saved and the run ends with status 128 + the signal's number."""
 
 def on_signal(signum: int, frame) -> None:
-    """Stop after the step under way (at once in an evaluation); a second SIGINT ends at once."""
+    """Stop after the step under way (one process: at once in an evaluation; DDP ranks finish it and
+    stop together); a second SIGINT ends at once."""
     if STOP["signal"] and signum == signal.SIGINT:
         raise SystemExit(128 + signum)
     STOP["signal"] = STOP["signal"] or signum
@@ -482,12 +483,16 @@ def train_epoch(cfg: Config, parts: Parts, run: dict) -> None:
                    seconds=run["seconds"] + time.time() - tic)
         if it + 1 in (run["first"] + 1, run["planned"]) or (it + 1) % cfg.log_every == 0:
             status(cfg, parts, run, dict(epoch=epoch, iteration=it + 1, **values, lr=lr, size=size))
-        signum = torch.tensor([STOP["signal"]], device=parts.device)
-        if parts.world > 1:
-            dist.all_reduce(signum, dist.ReduceOp.MAX)  # any rank's signal stops all at this step
-        if signum.item():
-            STOP["signal"] = int(signum.item())
-            raise Stopped
+        stop_together(parts)
+
+def stop_together(parts: Parts) -> None:
+    """Stopped on every rank when any rank got a signal: all stop at the same point."""
+    signum = torch.tensor([STOP["signal"]], device=parts.device)
+    if parts.world > 1:
+        dist.all_reduce(signum, dist.ReduceOp.MAX)
+    if signum.item():
+        STOP["signal"] = int(signum.item())
+        raise Stopped
 
 def status(cfg: Config, parts: Parts, run: dict, row: dict) -> None:
     """The status line (rank 0) and its log.jsonl row; images/s and ETA over this process's steps."""
@@ -504,10 +509,9 @@ def evaluation(cfg: Config, parts: Parts, run: dict) -> None:
     if run["evaluated_at"] == run["iteration"]:      # already (a resumed run)
         return
     say(f"evaluating at iteration {run['iteration']} ({run['epoch']} epochs done)")
-    STOP["evaluating"] = True                         # a signal now raises Stopped in it
-    try:
-        if STOP["signal"]:
-            raise Stopped
+    stop_together(parts)                              # a signal came before it
+    STOP["evaluating"] = parts.world == 1             # one process: a signal stops the evaluation;
+    try:                                              # DDP ranks finish it, then stop together
         run["metrics"] = evaluate.evaluate(parts.ema or parts.model, run["val_data"], eval_size=cfg.eval_size,
                                            nms=cfg.nms, verbose=RANK == 0)
     finally:
@@ -515,6 +519,7 @@ def evaluation(cfg: Config, parts: Parts, run: dict) -> None:
     run["evaluated_at"] = run["iteration"]
     log(run, {"epoch": run["epoch"], "iteration": run["iteration"], "eval": run["metrics"]})
     save_checkpoints(cfg, parts, run, best=run["metrics"]["AP"] > run["best_ap"])
+    stop_together(parts)
 
 def save_checkpoints(cfg: Config, parts: Parts, run: dict, best: bool = False) -> None:
     """Rank 0: last.pt (and best.pt), written whole or not at all (a temporary file, fsync, rename)."""

@@ -449,3 +449,30 @@ def test_labelling_tool_exports_train_evaluate_and_detect(tmp_path, capsys, tool
     evaluate.main(["--detect", folder, "--weights", str(out / "last.pt"), "--out", str(out / "found")])
     assert isinstance(json.loads((out / "found" / "detections.json").read_text()), list)
     assert len(list((out / "found").glob("*.png"))) == 2
+
+
+@pytest.mark.parametrize("where", ["step", "evaluation"])
+def test_a_signal_to_one_rank_stops_both_at_the_same_point(tmp_path, where):
+    """torchrun, 2 ranks (gloo): SIGTERM to rank 1 alone, during step 3 or during the evaluation
+    after epoch 1 (4 steps of 2 x 2 images). Both ranks stop at the same point, and rank 0's last.pt
+    holds that point: iteration 3, or iteration 4 with its evaluation done."""
+    hook = ("real, calls = train.train_step, [0]\n"
+            "def step(*args):\n    calls[0] += 1\n"
+            "    if calls[0] == 3 and os.environ['RANK'] == '1':\n"
+            "        os.kill(os.getpid(), signal.SIGTERM)\n    return real(*args)\n"
+            "train.train_step = step\n") if where == "step" else (
+            "real = evaluate.evaluate\n"
+            "def evaluating(*args, **kwargs):\n"
+            "    if os.environ['RANK'] == '1':\n        os.kill(os.getpid(), signal.SIGTERM)\n"
+            "    return real(*args, **kwargs)\n"
+            "evaluate.evaluate = evaluating\n")
+    run_file = script(tmp_path, "import signal\n" + hook)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    args = TINY + ["--freeze-bn", "--epochs", "3", "--eval-every", "1", "--out", str(tmp_path / "ddp")]
+    done = subprocess.run([*torchrun, str(run_file), *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=300, env=ENV)
+    assert done.returncode != 0 and "stopped by SIGTERM at iteration" in done.stdout, done.stderr[-3000:]
+    state = load(tmp_path / "ddp" / "last.pt")
+    assert state["world_size"] == 2 and state["iteration"] == (3 if where == "step" else 4), state
+
+    assert (state["evaluated_at"] == 4) == (where == "evaluation")
