@@ -11,6 +11,7 @@ Public entry points:
         darknet's binary format (`darknet53.conv.74`, `yolov3.weights`) for a list of
         (conv, bn-or-None) pairs in darknet's cfg order (DarkNet53.darknet_layers(),
         head.Detector.darknet_layers()).
+    letterbox(image, size) -> (3, size, size): the input darknet's own yolov3.weights were trained on.
 
 The pyramid is YOLOv3's top-down path as the ASFF authors released it: each level is YOLOv3's
 "five-conv" block (1x1, 3x3, 1x1, 3x3, 1x1); at stride 32 an SPP block (max-pools 5/9/13 + a
@@ -244,6 +245,22 @@ def write_darknet_weights(path: str, layers: list[tuple[nn.Conv2d, nn.BatchNorm2
 # ---------------------------------------------------------------------------------------------
 # `python darknet.py`: shapes and parameter counts at 416 x 416
 # ---------------------------------------------------------------------------------------------
+# --- darknet's own input, on which its yolov3.weights were trained (evaluate.Inference(darknet=True))
+def letterbox_geometry(original_hw: tuple[int, int], size: int) -> tuple[int, int, int, int]:
+    """(new_w, new_h, pad_x, pad_y): an (h, w) image resized keeping its aspect, centred in size x size."""
+    (h, w), r = original_hw, min(size / original_hw[0], size / original_hw[1])
+    new_w, new_h = round(w * r), round(h * r)
+    return new_w, new_h, (size - new_w) // 2, (size - new_h) // 2
+
+
+def letterbox(image: np.ndarray, size: int) -> torch.Tensor:
+    """uint8 (H, W, 3) RGB -> (3, size, size): pixels / 255, resized keeping the aspect, on 0.5 bars."""
+    new_w, new_h, pad_x, pad_y = letterbox_geometry(image.shape[:2], size)
+    x = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255                 # (1, 3, H, W)
+    x = F.interpolate(x, size=(new_h, new_w), mode="bilinear", align_corners=False)  # (1, 3, h', w')
+    return F.pad(x[0], (pad_x, size - new_w - pad_x, pad_y, size - new_h - pad_y), value=0.5)
+
+
 def _demo() -> None:
     backbone, pyramid = DarkNet53().eval(), Pyramid().eval()
     x = torch.randn(1, 3, 416, 416)

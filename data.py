@@ -11,11 +11,8 @@ collate turns them into the loss's (N, 6) [class, cx, cy, w, h, mix].
 Per sample, as released (docs/released-code.md; not in the paper): mixup, colour, zoom out, SSD
 crop, flip, small affine, resize; sample i of epoch e draws from the stream [seed, e, i]. All draws
 come first, then the pixels: a JPEG decoded at the coarsest DCT scale that covers the output, mixup
-and colour only where the crop keeps, one warp. Departures: the affine shift takes x from the width
-(the release: the height); saturation in RGB; nearest or bilinear resampling (the release: 5 OpenCV
-methods); crowd boxes left out unless asked; targets not padded to 50 rows; samples made at the
-largest size, the batch resized. `python data.py` draws samples, `--check --images DIR --ann FILE`
-checks a set (bad input: docs/data.md).
+and colour only where the crop keeps, one warp (departures: README.md). `python data.py` draws
+samples, `--check --images DIR --ann FILE` checks a set (bad input: docs/data.md).
 """
 
 import argparse
@@ -54,8 +51,8 @@ class DataError(UserError, ValueError):
     """A problem with the data; the message names the file and the entry."""
 
 def exit_on_user_error(main, argv: list[str] | None = None):
-    """Run a script's main(argv); a UserError ends it with one line on stderr and status 2. Any error
-    kills the loader workers left: they ignore SIGTERM, which Python's exit sends, then waits forever."""
+    """main(argv); a UserError: one line on stderr, status 2 (--debug, ASFF_DEBUG=1: the traceback).
+    Any error kills the loader workers left: they ignore the SIGTERM Python's exit sends, then waits."""
     try:
         return main(argv)
     except BaseException as e:
@@ -63,10 +60,30 @@ def exit_on_user_error(main, argv: list[str] | None = None):
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's handler would report the kills
             for worker in multiprocessing.active_children():
                 worker.kill()  # SIGKILL: cannot be ignored
-        if not isinstance(e, UserError) or os.environ.get("ASFF_DEBUG"):
+        if not isinstance(e, UserError) or os.environ.get("ASFF_DEBUG") or "--debug" in (argv or sys.argv):
             raise
-        print(f"error: {e}", file=sys.stderr)
+        text = str(e).strip()  # from a loader worker: torch's traceback, then "data.DataError: ..."
+        print(f"error: {text.splitlines()[-1].split('Error: ', 1)[-1] if 'Traceback' in text else text}",
+              file=sys.stderr)
         raise SystemExit(2) from None
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, not the whole usage block
+        self.exit(2, f"{self.prog}: error: {message} (-h lists the flags)\n")
+
+def checked(kind, test, what: str):
+    """An argparse type: kind(text) where test(value) holds, else argparse's one-line error."""
+    def convert(text: str):
+        with contextlib.suppress(ValueError, RuntimeError):
+            if test(value := kind(text)):
+                return value
+        raise argparse.ArgumentTypeError(f"{text!r}: {what}")
+    return convert
+
+COUNT, NATURAL = (checked(int, lambda v, k=k: v >= k, f"must be a whole number >= {k}") for k in (1, 0))
+POSITIVE = checked(float, lambda v: 0 <= v < math.inf, "must be a number >= 0")  # NaN fails too
+FRACTION = checked(float, lambda v: 0 <= v <= 1, "must be a number in [0, 1]")
+SIZE = checked(int, lambda v: v >= 32 and v % 32 == 0, "must be a multiple of 32 (the coarsest stride)")
 
 # --- Plumbing: COCO-format files, checked in one pass over their lists and keys before
 # pycocotools sees them (it trusts every key and number: a bare KeyError, or a silently wrong AP)
@@ -96,8 +113,7 @@ def _shown(value) -> str:
     return text if len(text) <= 60 else text[:56] + " ..."
 
 def check_entries(ann_file: str, data: dict) -> None:
-    """Each entry of each list an object with its FIELDS, ids unique (category names too), an
-    annotation's image and category known; else DataError 'file: annotations[12] (id 7): problem'."""
+    """Entries with their FIELDS, ids unique, links known; else 'file: annotations[12] (id 7): problem'."""
     seen = {}  # (list, key) -> {value: position of its first entry}
     for key, fields in FIELDS.items():
         needed = ", ".join(field for field in fields if not field.endswith("?"))
@@ -147,8 +163,8 @@ def read_coco(ann_file: str, require_annotations: bool = True) -> dict:
     return data
 
 def kept_boxes(ann_file: str, data: dict, cat_to_class: dict, include_crowd: bool):
-    """(training rows per image, the annotations COCOeval scores, {problem: annotation ids}): a box
-    empty or outside its image skipped, one partly outside clipped; crowd ones trained on if asked."""
+    """(rows per image, the annotations COCOeval scores, {problem: ids}): empty or outside boxes skipped,
+    partly outside ones clipped; crowd boxes trained on if asked."""
     images = {image["id"]: image for image in data["images"]}
     rows, kept, problems = {image_id: [] for image_id in images}, [], {p: [] for p in SKIPS}
     for position, ann in enumerate(data.get("annotations", [])):
@@ -193,8 +209,7 @@ def open_rgb(path: str) -> Image.Image:
     return _decode(path)[0]
 
 class CocoDetection:
-    """A COCO-format detection set, read once and checked at start-up. Per image numpy arrays (forked
-    workers do not copy them page by page as Python objects): files, sizes (N, 2) [W, H], rows."""
+    """A COCO-format set, checked at start-up; numpy arrays (forked workers share them): files, sizes."""
 
     def __init__(self, image_dir: str, ann_file: str, include_crowd: bool = False,
                  require_annotations: bool = True):
@@ -222,16 +237,14 @@ class CocoDetection:
         self.first = np.cumsum([0] + [len(r) for r in rows])  # (N + 1,)
         self.rows = np.array([row for r in rows for row in r], np.float32).reshape(-1, 6)  # (M, 6)
         if missing := [i for i, path in enumerate(self.files) if not os.path.isfile(path)]:
-            raise DataError(f"{self.ann_file}: {len(missing)} of {len(self)} image files are missing under "
-                            f"{image_dir}, e.g. {self.files[missing[0]]} (image id {self.ids[missing[0]]}); "
-                            "wrong folder?")
+            raise DataError(f"{self.ann_file}: {len(missing)} of {len(self)} images missing (wrong folder?), "
+                            f"e.g. {self.files[missing[0]]} (image id {self.ids[missing[0]]})")
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def open(self, index: int, reduce: int = 1) -> Image.Image:
-        """The image as PIL RGB at 1/reduce of its size (ceil); DataError naming the file if it
-        cannot be decoded or is not the size the annotation file gives."""
+        """PIL RGB at 1/reduce of its size; DataError if undecodable or not the annotation file's size."""
         image, size = _decode(str(self.files[index]), reduce)
         if size != tuple(self.sizes[index]):
             raise DataError(f"{self.files[index]}: decoded size {size[0]}x{size[1]} (after EXIF rotation) "
@@ -334,9 +347,8 @@ def _write_split(folder: Path, split: str, n: int, width: int, height: int, seed
 
 def make_synthetic(root: str | None = None, n_train: int = 1024, n_val: int = 64,
                    image_size: int = 192, seed: int = 0) -> dict:
-    """Generate the synthetic set once into root/synthetic-<hash of the arguments> (root default:
-    $ASFF_CACHE or ~/.cache/asff); its paths. Same arguments -> identical files. The validation split
-    is the same whatever n_train (its own random streams); n_train=0 writes it alone (train: None)."""
+    """The synthetic set's paths, written once into root/synthetic-<hash of the arguments> (root: $ASFF_CACHE
+    or ~/.cache/asff); val is the same whatever n_train (its own streams), n_train=0 writes it alone."""
     params = dict(version=SYNTHETIC_VERSION, n_train=n_train, n_val=n_val, image_size=image_size, seed=seed)
     digest = hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:10]
     root = Path(root or os.environ.get("ASFF_CACHE") or Path.home() / ".cache" / "asff")
@@ -362,8 +374,8 @@ def draw_mixup(rng: np.random.Generator, index: int, n: int) -> tuple[float, int
     return lam, partner + (partner >= index)
 
 def mixup(image1: Image.Image, image2: Image.Image, lam: float, box=None) -> Image.Image:
-    """Both images top-left on a (max W, max H) canvas, black where one does not reach (as
-    released), blended = lam * image1 + (1 - lam) * image2; made only in box (default: all)."""
+    """lam * image1 + (1 - lam) * image2, both top-left on a (max W, max H) canvas, black where one does
+    not reach (as released); made only in box (default: all)."""
     box = box or (0, 0, max(image1.width, image2.width), max(image1.height, image2.height))
     return Image.blend(_cut(image1, box), _cut(image2, box), 1 - lam)  # im1 (1 - a) + im2 a
 
@@ -384,8 +396,7 @@ def draw_colour(rng: np.random.Generator) -> tuple[float, float, int, float]:
 
 def colour_distort(image: Image.Image, brightness: float = 0.0, contrast: float = 1.0, hue: int = 0,
                    saturation: float = 1.0) -> Image.Image:
-    """The released colour steps in order: x -> clip(clip(x + brightness) * contrast) (one look-up
-    table); HSV hue + hue; HSV saturation * saturation."""
+    """The released colour steps: x -> clip(clip(x + brightness) * contrast), HSV hue, saturation."""
     if brightness != 0 or contrast != 1:
         lut = np.clip(np.clip(np.arange(256) + brightness, 0, 255) * contrast, 0, 255)
         image = image.point(np.tile(lut.round().astype(np.uint8), 3).tolist())
@@ -439,8 +450,7 @@ def expand(rng, rows, wh):
 CROP_MIN_IOU = (None, 0.1, 0.3, 0.5, 0.7, 0.9, -np.inf)  # SSD modes; None = no crop
 
 def ssd_crop(rng, rows, wh, tries=50):
-    """SSD random crop: a window of 0.3-1 of each side whose IoU with every box is at least the
-    drawn mode's minimum; boxes whose centre falls inside are kept and clipped."""
+    """SSD crop: 0.3-1 of each side, IoU >= the drawn minimum with every box; centres inside kept."""
     W, H = wh
     identity, boxes = (np.eye(3), rows, wh), torch.from_numpy(rows[:, :4].astype(np.float64))  # (N, 4)
     for _ in range(50 if len(rows) else 0):  # the release retries forever; 50 modes fail seldom
@@ -489,8 +499,7 @@ def resize_matrix(wh, size: int) -> np.ndarray:
     return np.diag([size / wh[0], size / wh[1], 1.0])  # a W x H image to size x size (aspect changes)
 
 def geometry(rng, rows, wh, size):
-    """The released geometric steps as one matrix M (source -> output pixels), the moved rows, and
-    the source window the crop keeps (beyond it, where the affine shows it, the fill colour)."""
+    """The released geometric steps: one matrix M (source -> output pixels), the rows, the crop window."""
     M = np.eye(3)
     for step, p in ((expand, 0.5), (ssd_crop, 1.0), (hflip, 0.5), (random_affine, 0.5)):
         if step is random_affine:  # so far M only shifts and mirrors: the canvas is a rectangle
@@ -501,8 +510,7 @@ def geometry(rng, rows, wh, size):
     T = resize_matrix(wh, size)
     return T @ M, move_boxes(T, rows), window
 
-# --- The release's augmentation: every draw of a sample first (a Plan, from its boxes and image
-# size), then the pixels
+# --- The release's augmentation: every draw of a sample first (a Plan), then the pixels
 class Plan(NamedTuple):
     colour: tuple  # colour_distort's (brightness, contrast, hue, saturation)
     M: np.ndarray  # (3, 3) source pixels -> output pixels: the product of the geometric steps
@@ -518,8 +526,7 @@ def plain_resize(rows: np.ndarray, wh, size: int) -> Plan:
     return Plan(NO_COLOUR, M, (0, 0, *wh), Image.BILINEAR, move_boxes(M, rows))
 
 def draw_augmentation(rng: np.random.Generator, rows: np.ndarray, wh, size: int, min_size=6.0) -> Plan:
-    """The released draws for a W x H image: colour, the geometric steps, the resampling; boxes
-    whose shorter side is not above min_size dropped; if none is left, plain_resize (as released)."""
+    """The released draws: colour, geometry, resampling; boxes <= min_size dropped (none left: plain)."""
     colour = draw_colour(rng)
     M, out, window = geometry(rng, rows, wh, size)
     out = out[np.minimum(out[:, 2] - out[:, 0], out[:, 3] - out[:, 1]) > min_size]
@@ -534,8 +541,7 @@ def reduction(M: np.ndarray) -> int:
     return int(2 ** np.clip(np.floor(-np.log2(stretch)), 0, 3))
 
 def warp(image: Image.Image, M: np.ndarray, size: int, resample=Image.BILINEAR) -> Image.Image:
-    """The size x size image whose pixel p shows source pixel M^-1 p, the mean colour where that
-    falls outside the image: zoom out, crop, flip, affine and resize in one resampling."""
+    """Pixel p shows source pixel M^-1 p (the fill colour outside): every geometric step in one resampling."""
     if resample == Image.BILINEAR and M[0, 1] == M[1, 0] == 0 and M[1, 1] > 0:
         return _scale(image, M, size)
     inverse = tuple(np.linalg.inv(M)[:2].ravel())  # output pixel -> source pixel
@@ -563,8 +569,8 @@ def _cut(image: Image.Image, box: tuple) -> Image.Image:
     return image if box == (0, 0, *image.size) else image.crop(box)  # black beyond the image
 
 def render(images: list, lam: float, plan: Plan, size: int, reduce: int = 1) -> Image.Image:
-    """A sample's pixels from its decoded image(s) (at 1/reduce of their size): mixup and colour on
-    the window alone (both go pixel by pixel: the same pixels for less work), one warp to the size."""
+    """A sample's pixels from its image(s) decoded at 1/reduce: mixup and colour on the crop window
+    alone (pixel by pixel: the same pixels for less work), then one warp to the size."""
     W, H = max(im.width for im in images), max(im.height for im in images)  # mixup's canvas
     x1, y1, x2, y2 = (round(v / reduce) for v in plan.window)
     x1, y1 = max(0, x1), max(0, y1)
@@ -576,8 +582,7 @@ def render(images: list, lam: float, plan: Plan, size: int, reduce: int = 1) -> 
 
 # --- Training samples and batches; paper Sec. 3.4: random input shapes
 class TrainDataset(torch.utils.data.Dataset):
-    """Augmented (and mixed) training samples at a fixed size; see the module docstring. Says once
-    (rank 0) which categories have no training box: the model learns never to predict them."""
+    """Augmented (and mixed) training samples at a fixed size; names the categories without a box."""
 
     def __init__(self, data: CocoDetection, size: int = 608, seed: int = 0, mixup: bool = True,
                  augment: bool = True, min_size: float = 6.0):
@@ -633,14 +638,12 @@ class TrainDataset(torch.utils.data.Dataset):
         return to_tensor(render(images, lam, plan, self.size, reduce)), torch.from_numpy(plan.rows)
 
 def ignore_stop_signals(worker_id: int) -> None:
-    """DataLoader worker_init_fn: systemd, SLURM, Ctrl-C and `kill -- -PGID` signal the whole
-    process group; the main process saves, then ends its workers (exit_on_user_error kills them)."""
+    """worker_init_fn: a signal to the process group (Ctrl-C, SLURM) is the main process's to handle."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 def to_tensor(image: Image.Image) -> torch.Tensor:
-    """PIL RGB -> uint8 (3, H, W), contiguous: PIL splits the channels (so the conversion to float
-    reads contiguous planes, 3x faster than through a permuted view)."""
+    """PIL RGB -> contiguous uint8 (3, H, W): the float conversion then runs 3x faster than on a view."""
     return torch.from_numpy(np.stack([np.asarray(band) for band in image.split()]))  # (3, H, W)
 
 def loss_targets(rows: torch.Tensor) -> torch.Tensor:
@@ -654,8 +657,7 @@ def _normalize_(x: torch.Tensor) -> torch.Tensor:
     return x.mul_(1 / (255 * std)).add_(-mean / std)  # (B, 3, H, W)
 
 def normalize(image: np.ndarray, size) -> torch.Tensor:
-    """uint8 (H, W, 3) RGB -> (3, size, size) float: plain bilinear resize (OpenCV's INTER_LINEAR,
-    as the released evaluation does), then ImageNet normalisation. size: int or (h, w)."""
+    """uint8 (H, W, 3) RGB -> (3, size, size): bilinear resize as released (OpenCV's), ImageNet mean, std."""
     hw = (size, size) if isinstance(size, int) else tuple(size)
     x = torch.from_numpy(image.astype(np.float32)).permute(2, 0, 1)[None]  # (1, 3, H, W)
     x = F.interpolate(x, size=hw, mode="bilinear", align_corners=False)  # (1, 3, h, w)
@@ -670,14 +672,12 @@ def collate(batch):
     return to_input(*stack_batch(batch))
 
 def to_input(images: torch.Tensor, targets: list, size: int | None = None):
-    """uint8 (B, 3, H, W) on any device (a GPU: 1/4 of the bytes to copy) -> collate's float batch,
-    and resize_batch's where a size is given."""
+    """uint8 (B, 3, H, W) on any device (1/4 of float's bytes to copy) -> collate's batch, resized."""
     x = _normalize_(images.float())  # (B, 3, H, W)
     return resize_batch(x, targets, size) if size else (x, targets)
 
 def random_size(seed: int, iteration: int, every: int = 10, sizes=SIZES) -> int:
-    """Sec. 3.4 random shapes: one size from `sizes` per block of `every` iterations, a function
-    of (seed, iteration // every) only, so all DDP ranks agree without communicating."""
+    """Sec. 3.4 random shapes: from (seed, iteration // every) only, so DDP ranks agree unasked."""
     rng = np.random.default_rng([seed, iteration // every])
     return int(sizes[rng.integers(len(sizes))])
 
@@ -707,8 +707,7 @@ def demo(out: str, root: str | None, seed: int) -> None:
         grid.paste(tile, (i % 4 * 320, i // 4 * 320))
     Path(out).mkdir(parents=True, exist_ok=True)
     grid.save(Path(out) / "asff_data_demo.png")
-    print(f"wrote {Path(out) / 'asff_data_demo.png'}: 8 training samples at 320 of {paths['train_images']} "
-          "(augmented, mixed; box label: class and mix ratio)")
+    print(f"wrote {Path(out) / 'asff_data_demo.png'}: 8 training samples (labels: class, mix ratio)")
 
 def check(image_dir: str, ann_file: str, include_crowd: bool = False) -> None:
     """Read a data set as training does, decode every image, and print what was found."""
@@ -733,10 +732,11 @@ def check(image_dir: str, ann_file: str, include_crowd: bool = False) -> None:
           f"images unreadable (training uses the next one instead), e.g. {data.files[unreadable[0]]}")
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = Parser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
+                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--out", default="runs", help="folder for asff_data_demo.png")
-    parser.add_argument("--root", default=None, help="cache folder (default $ASFF_CACHE or ~/.cache/asff)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--root", default=None, help="cache folder; none: $ASFF_CACHE or ~/.cache/asff")
+    parser.add_argument("--seed", type=NATURAL, default=0, help="the synthetic set's and the draws'")
     parser.add_argument("--check", action="store_true", help="read --images and --ann as training does")
     parser.add_argument("--images", help="image folder (with --check)")
     parser.add_argument("--ann", help="COCO-format annotation file (with --check)")

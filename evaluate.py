@@ -6,9 +6,8 @@ AP needs the tail), greedy NMS per class at IoU 0.6 (the release: 0.65), at most
     postprocess(decoded (B, N, 5+C)) -> B x (K, 7) [x1, y1, x2, y2, score, class, obj], input px
     Inference(eval_size)(model, images) -> per image (K, 7) in its own pixels
     coco_score, evaluate(model, dataset) -> the 12 COCO stats (pycocotools; sharded over ranks)
-    show (Figure 3), write_curves (a run's curves.png), load_detector (ours, released, darknet)
-`python evaluate.py -h` lists the flags (no arguments: a toy NMS), e.g. `torchrun --nproc_per_node 4
-evaluate.py --weights yolov3_asff.pth --data /coco` for val2017's AP over 4 processes.
+    show (Figure 3), load_detector (ours, released, darknet)
+`python evaluate.py -h` lists the flags (no arguments: a toy NMS).
 """
 
 import argparse
@@ -26,15 +25,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 import data
-from darknet import read_darknet_weights
+from darknet import letterbox, letterbox_geometry, read_darknet_weights
 from head import Detector, load_released
-from loss import TERMS, box_iou
+from loss import box_iou
 
 CONF_THRE = 0.005   # low, as COCO AP needs (the release: 0.001 in eval.py, 0.01 in main.py)
 NMS_THRE = 0.6      # Sec. 3.4; the release's config moved to 0.65 after publication
@@ -111,32 +109,17 @@ def prepare_for_inference(model, fold: bool = True, channels_last: bool = True, 
     model = copy.deepcopy(model).eval()
     if fold and hasattr(model, "fuse_conv_bn"):           # a Detector (tests pass stand-ins)
         model.fuse_conv_bn()
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    model.requires_grad_(False)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    model.requires_grad_(False).to(memory_format=layout)
     if compile:
         model.forward = torch.compile(model.forward)
     return model
 
 
 # --- 2. Image pixels -> the model's input -> image pixels ---
-def letterbox_geometry(original_hw: tuple[int, int], size: int) -> tuple[int, int, int, int]:
-    """(new_w, new_h, pad_x, pad_y): the image resized keeping its aspect, pasted at (pad_x, pad_y)."""
-    (h, w), r = original_hw, min(size / original_hw[0], size / original_hw[1])
-    new_w, new_h = round(w * r), round(h * r)
-    return new_w, new_h, (size - new_w) // 2, (size - new_h) // 2
-
 def preprocess(image: np.ndarray, size: int, darknet: bool = False) -> torch.Tensor:
-    """uint8 (H, W, 3) RGB -> (3, size, size): data.normalize's plain resize (the release's); with
-    darknet, what darknet's own models were trained on: a letterbox of pixels / 255 on 0.5 bars."""
-    if not darknet:
-        return data.normalize(image, size)                               # (3, size, size)
-    new_w, new_h, pad_x, pad_y = letterbox_geometry(image.shape[:2], size)
-    x = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255     # (1, 3, H, W)
-    resized = F.interpolate(x, size=(new_h, new_w), mode="bilinear", align_corners=False)[0]
-    x = torch.full((3, size, size), 0.5)                                 # (3, size, size)
-    x[:, pad_y:pad_y + new_h, pad_x:pad_x + new_w] = resized
-    return x
+    """uint8 (H, W, 3) RGB -> (3, size, size): a plain resize (the release's), or darknet's letterbox."""
+    return letterbox(image, size) if darknet else data.normalize(image, size)   # (3, size, size)
 
 def to_original(det: torch.Tensor, size: int, original_hw: tuple[int, int], darknet: bool = False):
     """(K, 7) in input pixels -> a (K, 7) in the image's: x * w / size, or (x - pad_x) * w / new_w."""
@@ -275,7 +258,7 @@ def evaluate(model, dataset, eval_size: int = 608, nms: float = NMS_THRE, verbos
     return metrics
 
 
-# --- 5. Pictures: Figure 3, boxes with labels, a run's training curves ---
+# --- 5. Pictures: Figure 3, boxes with labels ---
 HEAT_STOPS = ((0.0, (0, 0, 0)), (0.25, (87, 16, 110)), (0.5, (188, 55, 84)),   # matplotlib's
               (0.75, (249, 142, 9)), (1.0, (252, 255, 164)))                  # "inferno"
 TILE, GAP, TITLE, BAR = 160, 4, 16, 24  # heat-map tile side, gap, title strip, colour-bar strip (px)
@@ -361,67 +344,6 @@ def show(model, image, out, eval_size: int, class_names, name: str = "image", co
     return path
 
 
-PANEL_W, PANEL_H = 400, 266                     # curves.png: 3 x 3 panels, 1200 x 798
-
-def read_log(path: Path) -> tuple[list[dict], list[dict], int]:
-    """train.py's log.jsonl -> (progress rows, evaluation rows, malformed lines skipped), by
-    iteration; a "started"/"resumed" row at iteration N drops the rows after N (done again)."""
-    if not path.is_file() or not path.stat().st_size:
-        raise data.UserError(f"{path}: {'empty' if path.is_file() else 'no such file'} (train.py "
-                             "writes log.jsonl into its run folder, a row per progress line)")
-    steps, evals, bad = {}, {}, 0
-    for line in filter(str.strip, path.read_text(errors="replace").splitlines()):
-        try:                                      # a crash can cut the last line short
-            row = json.loads(line)
-            if (start := row.get("started", row.get("resumed"))) is not None:
-                steps, evals = ({i: r for i, r in rows.items() if i <= start} for rows in (steps, evals))
-            elif "eval" in row:
-                evals[int(row["iteration"])] = {"x": float(row["epoch"])} | {
-                    k: float(row["eval"][k]) for k in ("AP", "AP50")}
-            elif "total" in row:
-                steps[int(row["iteration"])] = {"x": int(row["iteration"])} | {
-                    k: float(row[k]) for k in (*TERMS, "lr")}
-        except (ValueError, KeyError, TypeError, AttributeError):
-            bad += 1
-    if not steps:
-        raise data.UserError(f"{path}: no progress row" + f" ({bad} malformed line(s) skipped)" * (
-            bad > 0) + "; train.py logs one after the first step")
-    return [steps[i] for i in sorted(steps)], [evals[i] for i in sorted(evals)], bad
-
-def write_curves(run_dir: Path) -> str:
-    """run_dir/curves.png: its log.jsonl's loss terms and lr by iteration, AP by epoch -> a line."""
-    if not Path(run_dir).is_dir():
-        raise data.UserError(f"{run_dir}: no such folder (a train.py run folder holds log.jsonl)")
-    steps, evals, bad = read_log(Path(run_dir) / "log.jsonl")
-    canvas = Image.new("RGB", (3 * PANEL_W, 3 * PANEL_H), (255, 255, 255))
-    panels = [(f"loss {t} (log scale)", steps, t) for t in TERMS] + [("learning rate", steps, "lr")]
-    for k, (title, rows, key) in enumerate(panels + [(f"{m} by epoch", evals, m) for m in ("AP", "AP50")]):
-        draw_panel(ImageDraw.Draw(canvas), k % 3 * PANEL_W, k // 3 * PANEL_H, title,
-                   [r["x"] for r in rows], [r[key] for r in rows])
-    canvas.save(Path(run_dir) / "curves.png")
-    return (f"wrote {Path(run_dir) / 'curves.png'}: {len(steps)} progress rows, {len(evals)} evaluations"
-            + (f"; skipped {bad} malformed line(s) of log.jsonl" if bad else ""))
-
-def draw_panel(draw, x0: int, y0: int, title: str, xs, ys) -> None:
-    """One panel at (x0, y0): ys against xs from 0, its ends labelled; a loss on log10 y, AP from 0."""
-    left, top, right, bottom, log = x0 + 60, y0 + 30, x0 + PANEL_W - 20, y0 + PANEL_H - 30, "log" in title
-    text = ImageFont.load_default(16)
-    draw.text((x0 + PANEL_W / 2, y0 + 6), title, fill=0, font=text, anchor="ma")
-    draw.rectangle((left, top, right, bottom), outline=(120, 120, 120))
-    if not ys:
-        return draw.text(((left + right) / 2, (top + bottom) / 2), "no evaluation yet", fill=0, font=text,
-                         anchor="mm")
-    values = np.log10(np.maximum(ys, 1e-12)) if log else np.array(ys)
-    lo, hi = 0 if "AP" in title else values.min(), values.max()
-    lo, hi = (lo, hi) if hi > lo else (lo - 1, hi + 1)
-    px = lambda x: left + x / (max(xs) or 1) * (right - left)
-    py = lambda y: bottom - (y - lo) / (hi - lo) * (bottom - top)
-    for y, label in ((lo, 10 ** lo if log else lo), (hi, 10 ** hi if log else hi)):
-        draw.text((left - 4, py(y)), f"{label:.3g}", fill=0, font=text, anchor="rm")
-    draw.text((right, bottom + 4), f"{max(xs):g} {'epochs' if 'AP' in title else 'iterations'}", fill=0,
-              font=text, anchor="ra")
-    draw.line([(px(x), py(y)) for x, y in zip(xs, values)], fill=(31, 119, 180), width=2)
-
 # --- 6. Weights: our checkpoints, the authors' released ones, darknet's yolov3.weights ---
 DETECTOR_DEFAULTS = {k: p.default for k, p in inspect.signature(Detector).parameters.items()}
 WEIGHT_FILES = ("a weight file is train.py's RUN/last.pt or best.pt, the authors' yolov3_asff.pth and kin "
@@ -464,7 +386,7 @@ def load_detector(weights=None, ema: bool | None = None, **model_flags) -> tuple
     """(Detector, saved: model_args, eval_size, class_names, cat_ids, config) from our checkpoint
     (its EMA unless ema=False), a released one, darknet's .weights, or None (random, the flags)."""
     if weights is None:
-        return Detector(**model_flags), {}
+        return Detector(**{"fusion": "asff"} | model_flags), {}
     if (darknet := str(weights).endswith(".weights")) and not Path(weights).is_file():
         raise data.UserError(f"{weights}: no such file; {WEIGHT_FILES}")
     state = {} if darknet else read_checkpoint(weights)
@@ -488,8 +410,24 @@ def load_detector(weights=None, ema: bool | None = None, **model_flags) -> tuple
     else:
         use_ema = state.get("ema") is not None and ema is not False
         naming(weights, model.load_state_dict, state["ema" if use_ema else "model"])
-    return model, {k: state[k] for k in ("model_args", "eval_size", "class_names", "cat_ids", "config")
-                   if state.get(k) is not None}
+    return model, {k: state[k] for k in ("eval_size", "class_names", "cat_ids", "config")
+                   if state.get(k) is not None} | {"model_args": DETECTOR_DEFAULTS | args}
+
+def transfer_weights(model: Detector, state: dict[str, torch.Tensor], source: str) -> list[str]:
+    """A detector's state into `model` of any class count (train.py --weights): the prediction convs
+    keep their [tx, ty, tw, th, obj] rows and get new class rows -> the keys given new rows."""
+    ours, S = model.state_dict(), model.n_slots
+    renewed = [k for k, v in ours.items() if k.endswith((".pred.weight", ".pred.bias")) and k in state
+               and state[k].shape != v.shape and state[k].shape[1:] == v.shape[1:]]
+    for key in renewed:
+        rows = ours[key].clone().view(S, -1, *ours[key].shape[1:])               # (S, 5 + C_new, ...)
+        rows[:, :5] = state[key].view(S, -1, *state[key].shape[1:])[:, :5]      # box + objectness
+        state = state | {key: rows.view_as(ours[key])}
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:                         # a missing, extra or mis-shaped key: the first
+        raise data.DataError(f"{source}: another architecture: {str(e).splitlines()[1].strip()[:200]}") from e
+    return renewed
 
 
 # --- 7. Your own images (--detect) and a program that runs without this repository (--export) ---
@@ -552,24 +490,9 @@ def export(model, path, infer: Inference, class_names) -> Path:
 
 
 # --- 8. The command line ---
-class Parser(argparse.ArgumentParser):
-    def error(self, message: str):                 # one line, not the whole usage
-        self.exit(2, f"{self.prog}: error: {message} (-h lists the flags)\n")
-
-def checked(kind, test, what: str):
-    """An argparse type: kind(text) if it passes `test`, else argparse's one-line error."""
-    def convert(text: str):
-        with contextlib.suppress(ValueError, RuntimeError):
-            if test(value := kind(text)):
-                return value
-        raise argparse.ArgumentTypeError(f"{text!r}: {what}")
-    return convert
-
 def build_parser() -> argparse.ArgumentParser:
-    size = checked(int, lambda v: v >= 32 and v % 32 == 0, "a multiple of 32 (the coarsest stride)")
-    unit = checked(float, lambda v: 0 <= v <= 1, "not in [0, 1]")
-    count = checked(int, lambda v: v >= 1, "not >= 1")
-    p = Parser(description=__doc__.split("\n")[0], allow_abbrev=False,
+    size, unit, count = data.SIZE, data.FRACTION, data.COUNT
+    p = data.Parser(description=__doc__.split("\n")[0], allow_abbrev=False,
                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--weights", help="our checkpoint, an authors' .pth or darknet's .weights; none: random")
     p.add_argument("--raw", action="store_true", help="our checkpoint's raw weights, not the EMA")
@@ -583,16 +506,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-det", type=count, default=MAX_DET, help="boxes kept per image")
     p.add_argument("--batch-size", type=count, default=8, help="images per forward")
     p.add_argument("--limit", type=count, help="evaluate the first N images only")
-    device = checked(torch.device, lambda d: d.type == "cpu" or torch.cuda.is_available(), "not cpu or a GPU")
+    device = data.checked(torch.device, lambda d: d.type == "cpu" or torch.cuda.is_available(),
+                          "must be cpu, or cuda with a GPU")
     p.add_argument("--device", type=device, help="cpu, cuda or cuda:K; none: cuda if there is a GPU")
-    p.add_argument("--threads", type=count, help="torch CPU threads; none: torch's choice")
     p.add_argument("--out", help="folder of metrics.json, pictures; none: runs/show, runs/detect")
     p.add_argument("--debug", action="store_true", help="a user error shows its traceback too")
-    p.add_argument("--fusion", choices=("none", "sum", "concat", "asff"), help="(no --weights: asff)")
-    p.add_argument("--rfb", action=argparse.BooleanOptionalAction, help="RFB heads, ASFF* (no --weights: no)")
-    p.add_argument("--num-classes", type=count, help="classes (no --weights: 80)")
-    p.add_argument("--width", type=float, help="channel multiplier (no --weights: 1)")
-    p.add_argument("--depth", type=float, help="residual-unit multiplier (no --weights: 1)")
     p.add_argument("--show", nargs="?", const="", metavar="IMAGE", help="Figure 3 of IMAGE (none: "
                    "the first evaluation image)")
     p.add_argument("--detect", nargs="+", metavar="PATH", help="detect on images and folders")
@@ -640,10 +558,7 @@ def start(args) -> tuple[Detector, dict, Inference]:
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:   # torchrun: a process per GPU (or CPU share)
         chosen = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if chosen.type == "cuda" else chosen
         dist.init_process_group("nccl" if chosen.type == "cuda" else "gloo")
-    flags = {k: getattr(args, k) for k in ("num_classes", "fusion", "rfb", "width", "depth")}
-    flags = {k: None if v == "none" else v for k, v in flags.items() if v is not None}
-    model, saved = load_detector(args.weights, False if args.raw else None,
-                                 **flags if args.weights else dict(num_classes=80, fusion="asff") | flags)
+    model, saved = load_detector(args.weights, False if args.raw else None)
     picture = args.detect or args.show is not None or args.export     # boxes for a person to see
     conf = args.conf if args.conf is not None else DRAW_CONF if picture else CONF_THRE
     infer = Inference(args.eval_size or saved.get("eval_size", 608), conf, args.nms, args.max_det,
@@ -658,8 +573,6 @@ def main(argv: list[str] | None = None):
     if bool(args.images) != bool(args.ann) or (args.images and args.data):
         parser.error("--images and --ann go together: a set of your own is an image folder and its "
                      "COCO-format annotation JSON (instead of --data)")
-    if args.threads:
-        torch.set_num_threads(args.threads)
     model, saved, infer = start(args)
     names, cat_ids = class_names(saved, model.num_classes)
     if args.export:
@@ -673,7 +586,7 @@ def main(argv: list[str] | None = None):
         names = class_names(saved, model.num_classes, dataset)[0]
         return show(model, image, args.out or "runs/show", infer.eval_size, names, name, infer.conf,
                     infer.darknet)
-    check_classes(model, dataset, args.weights or f"random weights (--num-classes {model.num_classes})")
+    check_classes(model, dataset, args.weights or "random weights")
     evaluate(model, dataset, **dataclasses.asdict(infer), batch_size=args.batch_size, limit=args.limit,
              out=args.out, test_dev=args.test_dev)
     if dist.is_initialized():
@@ -681,6 +594,4 @@ def main(argv: list[str] | None = None):
 
 
 if __name__ == "__main__":
-    if "--debug" in sys.argv[1:]:
-        os.environ["ASFF_DEBUG"] = "1"    # data.exit_on_user_error then shows the traceback
     data.exit_on_user_error(main)

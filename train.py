@@ -5,11 +5,8 @@ a cosine from lr 0.001 to 0.00001 at 4 GPUs x 16 images (lr_at), random input si
 (size_at), mixup but for the last 30 epochs (mixup_on); Sec. 3.1's freebies: mixup, synchronized
 BatchNorm, ASFF*'s DropBlock (dropblock_at). Defaults: the paper where it is explicit, the release
 (docs/released-code.md) where it is silent. Then train_step (lr, step and EMA in one place) and
-main's sections: 1 distributed set-up and seeds, 2 the data, 3 the model, EMA, optimizer, AMP,
-SyncBN and DDP, 4 resume, 5 the loop, 6 the end (metrics.json, Figure 3, curves.png).
-Checkpoints (last.pt, best.pt) hold no RNG state: every draw is a function of seed, rank, epoch,
-index or iteration, so a resume is exact. Exit status: 0 done, 1 a non-finite step (nothing
-saved), 2 a bad flag or file (one line), 128 + N stopped by signal N (last.pt saved).
+main's sections 1-6. Checkpoints hold no RNG state: every draw is a function of seed, rank, epoch,
+index or iteration, so a resume is exact.
 """
 
 import argparse
@@ -35,35 +32,14 @@ from torch.utils.data import DataLoader, DistributedSampler
 import data
 import evaluate
 from darknet import read_darknet_weights
+from data import COUNT, FRACTION, NATURAL, POSITIVE, SIZE
 from head import Detector, load_released
 from loss import IOU_FORMS, TERMS, compute_loss
 
 
-def checked(kind=float, low=0.0, high=math.inf, multiple=None, none=False):
-    """An argparse type: kind(text) within [low, high] (a multiple of `multiple`; "none" -> None
-    where allowed). A bad value ends in argparse's one-line error naming the flag."""
-    def convert(text: str):
-        if none and text == "none":
-            return None
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text}: not a {kind.__name__}") from None
-        if multiple and value % multiple:
-            raise argparse.ArgumentTypeError(f"{text}: a multiple of {multiple} (the coarsest stride)")
-        if not low <= value <= high:                                           # NaN fails too
-            raise argparse.ArgumentTypeError(f"{text}: {low} or more" if high == math.inf else
-                                             f"{text}: {low} to {high}")
-        return value
-    return convert
-
 def flag(default, help: str, **keywords):
     """A Config field: its default, its one-line --help and other add_argument keywords."""
     return dataclasses.field(default=default, metadata=dict(help=help, **keywords))
-
-
-COUNT, NATURAL, POSITIVE, FRACTION = checked(int, 1), checked(int, 0), checked(), checked(high=1.0)
-SIZE = checked(int, 32, multiple=32)
 
 @dataclasses.dataclass
 class Config:
@@ -94,7 +70,7 @@ class Config:
     iou_form: str = flag("1-iou^2", "1-iou^2 (released), -ln(iou) (UnitBox) or 1-iou", choices=IOU_FORMS)
     ignore_thre: float = flag(0.7, "YOLOv3's ignore threshold (release cfg IGNORETHRE)", type=FRACTION)
     ignore_ratio: float | None = flag(None, "ignore area, Table 2 (0.2); none: off",
-                                      type=checked(high=1.0, none=True))
+                                      type=lambda t: None if t == "none" else FRACTION(t))
     label_smooth: bool = flag(True, "the release's label smoothing (not in the paper)")
     # data (Sec. 3.1 bag of freebies, Sec. 3.4 random shapes)
     mixup: bool = flag(True, "mixup (Sec. 3.1)")
@@ -132,42 +108,34 @@ class Config:
     log_every: int = flag(10, "iterations between progress lines (release: 10)", type=COUNT)
     eval_every: int = flag(10, "epochs between evaluations (release: 10)", type=COUNT)
     max_iters: int = flag(0, "stop after this many iterations, schedule unchanged; 0: no limit", type=NATURAL)
-    exist_ok: bool = flag(False, "a new run may replace the run in --out (its files are removed)")
     debug: bool = flag(False, "a user error shows its traceback too (as ASFF_DEBUG=1)")
-    plot: str = flag("", "only draw RUN_DIR/curves.png from its log.jsonl", metavar="RUN_DIR")
 
 # The CPU demo (no data set given): a small ASFF from scratch on data.make_synthetic's shapes, 18
 # epochs of 1,024 images at 128-192 px; docs/measurements.md says why each value departs.
 DEMO = dict(out="runs/demo", width=0.25, depth=0.33, epochs=18, batch_size=16,
             lr=8e-2, min_lr=4e-4, warmup=0.05, clip_grad=10.0, mixup=False, augment=False,
             label_smooth=False, size_min=128, size_max=192, eval_size=192, workers=0, eval_every=5)
-# ASFF*'s DropBlock as released (docs/released-code.md): from these parts of the epochs on, block
-# sizes per stride with keep probability DROPBLOCK_KEEP.
-DROPBLOCK = ((5 / 300, {32: 1, 16: 3, 8: 5}), (80 / 300, {32: 3, 16: 5, 8: 7}),
-             (150 / 300, {32: 7, 16: 7, 8: 7}))
-DROPBLOCK_KEEP = 0.9
+# ASFF*'s DropBlock as released (docs/released-code.md): from these parts of the epochs on, block sizes
+DROPBLOCK = ((5 / 300, {32: 1, 16: 3, 8: 5}), (80 / 300, {32: 3, 16: 5, 8: 7}),   # per stride, keep
+             (150 / 300, {32: 7, 16: 7, 8: 7}))                                  # probability 0.9
 ARCHITECTURE = ("fusion", "guided", "spp", "rfb", "dropblock", "width", "depth", "anchors")
+LOSS_SWITCHES = ("iou_loss", "iou_form", "ignore_thre", "ignore_ratio", "label_smooth")
 
 # --- The schedule (Sec. 3.4), functions of the iteration or epoch -------------------------------
 def lr_at(cfg: Config, iteration: int, total_iters: int, world: int) -> float:
-    """Linear warm-up to lr * total_batch / 64, then cosine to min_lr * total_batch / 64."""
+    """Sec. 3.4: a linear warm-up to lr * batch / 64, then a cosine to min_lr * batch / 64; released:
+    (it / W)^4 for 5/300 of the epochs, flat to 20/300, a cosine per epoch to 270/300 (released-code.md)."""
     scale = cfg.batch_size * cfg.accumulate * world / 64 if cfg.scale_lr else 1.0
-    base, final = cfg.lr * scale, cfg.min_lr * scale               # Sec. 3.4: 1e-3 at 4 x 16
-    if cfg.schedule == "released":
-        return released_lr(cfg, iteration, total_iters, base, final)
-    warm = round(cfg.warmup * total_iters)
+    base, final, per_epoch = cfg.lr * scale, cfg.min_lr * scale, total_iters / cfg.epochs  # 1e-3 at 4 x 16
+    if released := cfg.schedule == "released":       # in iterations, at epoch starts
+        warm, flat, end = (round(f / 300 * cfg.epochs) * per_epoch for f in (5, 20, 270))
+    else:
+        warm = flat = round(cfg.warmup * total_iters)
+        end = total_iters - 1
     if iteration < warm:
-        return base * (iteration + 1) / warm
-    t = (iteration - warm) / max(total_iters - 1 - warm, 1)       # 0 -> 1 over the cosine
-    return final + 0.5 * (base - final) * (1 + math.cos(math.pi * min(t, 1.0)))
-
-def released_lr(cfg: Config, iteration: int, total_iters: int, base: float, final: float) -> float:
-    """The release's: base * (it / W)^4 to 5/300 of the epochs, flat to 20/300, cosine to 270/300."""
-    per_epoch = total_iters / cfg.epochs
-    if iteration < (burn_in := round(5 / 300 * cfg.epochs) * per_epoch):
-        return base * (iteration / burn_in) ** 4
-    flat, end = round(20 / 300 * cfg.epochs), round(270 / 300 * cfg.epochs)
-    t = min(max(int(iteration // per_epoch) - flat, 0) / max(end - flat, 1), 1.0)   # 0 -> 1, per epoch
+        return base * ((iteration / warm) ** 4 if released else (iteration + 1) / warm)
+    now = iteration // per_epoch * per_epoch if released else iteration      # released: per epoch
+    t = min(max(now - flat, 0) / max(end - flat, 1), 1.0)                      # 0 -> 1 over the cosine
     return final + 0.5 * (base - final) * (1 + math.cos(math.pi * t))
 
 def size_at(cfg: Config, iteration: int, epoch: int) -> int:
@@ -177,16 +145,14 @@ def size_at(cfg: Config, iteration: int, epoch: int) -> int:
     return data.random_size(cfg.seed, iteration, cfg.size_every, range(cfg.size_min, cfg.size_max + 1, 32))
 
 def mixup_on(cfg: Config, epoch: int) -> bool:
-    """Sec. 3.4: mixup for all but the last mixup_off part of the epochs."""
-    return cfg.mixup and epoch < cfg.epochs - round(cfg.mixup_off * cfg.epochs)
+    return cfg.mixup and epoch < cfg.epochs - round(cfg.mixup_off * cfg.epochs)   # Sec. 3.4: not at the end
 
 def dropblock_at(cfg: Config, epoch: int) -> tuple[dict[int, int], float]:
     """ASFF*'s DropBlock in this epoch: (block size per stride, keep probability)."""
     started = [sizes for start, sizes in DROPBLOCK if epoch >= round(start * cfg.epochs)]
-    return (started[-1], DROPBLOCK_KEEP) if started else ({32: 1, 16: 1, 8: 1}, 1.0)
+    return (started[-1], 0.9) if started else ({32: 1, 16: 1, 8: 1}, 1.0)
 
-def evaluation_due(cfg: Config, epoch: int) -> bool:
-    """After `epoch` whole epochs: every --eval-every epochs and at the end."""
+def evaluation_due(cfg: Config, epoch: int) -> bool:   # after `epoch` whole epochs
     return epoch % cfg.eval_every == 0 or epoch == cfg.epochs
 
 def param_groups(model: torch.nn.Module, weight_decay: float, decay_all: bool = False) -> list[dict]:
@@ -197,56 +163,26 @@ def param_groups(model: torch.nn.Module, weight_decay: float, decay_all: bool = 
         {"params": [p for p in params if p.ndim != 4], "weight_decay": 0.0}]
 
 # --- The model and one optimizer step -----------------------------------------------------------
-def model_args(cfg: Config, num_classes: int) -> dict:
-    """The Detector's arguments (every checkpoint saves them as model_args)."""
+def model_args(cfg: Config, num_classes: int) -> dict:   # the Detector's (every checkpoint saves them)
     return dict(num_classes=num_classes, **{k: getattr(cfg, k) for k in ARCHITECTURE[:-1]},
                 anchors=None if cfg.anchors == "auto" else cfg.anchors)
 
 def build_model(cfg: Config, num_classes: int) -> Detector:
     """The config's Detector (MSRA init), its backbone pretrained (Sec. 3.4) if --backbone."""
     model = Detector(**model_args(cfg, num_classes))
-    try:
-        if cfg.backbone.endswith((".pth", ".pt")):    # the release's DarkNet-53, one key map
-            load_released(model, evaluate.read_checkpoint(cfg.backbone), cfg.backbone)
-        elif cfg.backbone:                            # darknet's binary darknet53.conv.74
-            read_darknet_weights(cfg.backbone, model.backbone.darknet_layers())
-    except (KeyError, ValueError, OSError) as e:
-        raise data.DataError(f"--backbone {cfg.backbone}: {e}") from e
+    if cfg.backbone.endswith((".pth", ".pt")):        # the release's DarkNet-53, one key map
+        state = evaluate.read_checkpoint(cfg.backbone)
+        evaluate.naming(cfg.backbone, load_released, model, state, cfg.backbone)
+    elif cfg.backbone:                                # darknet's binary darknet53.conv.74
+        evaluate.naming(cfg.backbone, read_darknet_weights, cfg.backbone, model.backbone.darknet_layers())
     return model
-
-def transfer_weights(model: Detector, state: dict[str, torch.Tensor], source: str) -> list[str]:
-    """--weights of any class count: prediction convs keep [tx, ty, tw, th, obj], get new class rows."""
-    ours, S = model.state_dict(), model.n_slots
-    renewed = [k for k, v in ours.items() if k.endswith((".pred.weight", ".pred.bias")) and k in state
-               and state[k].shape != v.shape and state[k].shape[1:] == v.shape[1:]]
-    for key in renewed:
-        rows = ours[key].clone().view(S, -1, *ours[key].shape[1:])               # (S, 5 + C_new, ...)
-        rows[:, :5] = state[key].view(S, -1, *state[key].shape[1:])[:, :5]      # box + objectness
-        state = state | {key: rows.view_as(ours[key])}
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:                         # a missing, extra or mis-shaped key: the first
-        raise data.DataError(f"{source}: another architecture: {str(e).splitlines()[1].strip()[:200]}") from e
-    return renewed
 
 def amp_dtype_for(cfg: Config, device: torch.device) -> torch.dtype | None:
     """bf16 from compute capability 8.0 (is_bf16_supported() counts emulation), else fp16 + scaler."""
     if device.type != "cuda" or cfg.amp == "none":
         return None
-    if cfg.amp == "auto":
-        return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}[cfg.amp]
-
-def set_train_mode(model: torch.nn.Module, freeze_bn: bool) -> None:
-    """Train mode; --freeze-bn keeps BatchNorm's statistics fixed (eval mode)."""
-    for m in model.train().modules():
-        if freeze_bn and isinstance(m, (torch.nn.BatchNorm2d, torch.nn.SyncBatchNorm)):
-            m.eval()
-
-def peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024           # Linux: KiB
+    auto = torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "auto": auto}[cfg.amp]
 
 # What a step works on: the model, what is called (it or its DDP wrapper), SGD, AMP, the EMA copy.
 Parts = namedtuple("Parts", "model ddp optimizer scaler amp_dtype device world ema rank",
@@ -256,9 +192,8 @@ class NonFinite(RuntimeError):
     """A step gave a non-finite loss, gradient or weight (nothing of it is saved)."""
 
 def train_step(parts: Parts, batches, cfg: Config, iteration: int, size: int, lr: float) -> dict:
-    """lr, cfg.accumulate micro-batches at size x size, one SGD step, EMA -> loss terms, grad norm.
-    The batch reaches the device as uint8 and is normalised and resized there; the loss terms, the
-    gradient norm and the finiteness checks are read in one host synchronisation, at the end."""
+    """lr, cfg.accumulate micro-batches at size x size (uint8 to the device, normalised and resized
+    there), one SGD step, EMA -> loss terms, grad norm: read in one host synchronisation, at the end."""
     model, scaler, world = parts.model, parts.scaler, parts.world
     for group in parts.optimizer.param_groups:
         group["lr"] = lr
@@ -275,9 +210,7 @@ def train_step(parts: Parts, batches, cfg: Config, iteration: int, size: int, lr
                 outputs = parts.ddp(images)                 # {stride: {"pred": (B, S, 5+C, h, w)}}
             outputs = {s: {n: v if v is None else v.float() for n, v in o.items()}  # the loss in fp32
                        for s, o in outputs.items()}
-            losses = compute_loss(outputs, targets, model, iou_loss=cfg.iou_loss, iou_form=cfg.iou_form,
-                                  ignore_thre=cfg.ignore_thre, ignore_ratio=cfg.ignore_ratio,
-                                  label_smooth=cfg.label_smooth)
+            losses = compute_loss(outputs, targets, model, **{k: getattr(cfg, k) for k in LOSS_SWITCHES})
             scaler.scale(losses["total"] / cfg.accumulate).backward()
         terms += torch.stack([losses[t].detach() for t in TERMS]) / cfg.accumulate   # (6,)
     scaler.unscale_(parts.optimizer)                  # a no-op without fp16
@@ -294,15 +227,13 @@ def train_step(parts: Parts, batches, cfg: Config, iteration: int, size: int, lr
     *values, norm, bad_loss, bad_gradient, bad_weights = report.tolist()   # the one host sync
     if bad_loss or bad_gradient or bad_weights:       # a finite step can still overflow a weight
         what = "loss" if bad_loss else "gradient norm" if bad_gradient else "weights after the step"
-        raise NonFinite(f"non-finite {what} ({terms_text(values)}, gradient norm {norm:.4g})")
+        terms_text = ", ".join(f"{t}={v:.4g}" for t, v in zip(TERMS, values, strict=True))
+        raise NonFinite(f"non-finite {what} ({terms_text}, gradient norm {norm:.4g})")
     if parts.ema is not None:                         # e = d * e + (1 - d) * w, d ramped up (YOLOX)
         d = cfg.ema * (1 - math.exp(-(iteration + 1) / 2000))
         for e, w in zip(parts.ema.state_dict().values(), model.state_dict().values(), strict=True):
             e.mul_(d).add_(w, alpha=1 - d) if e.is_floating_point() else e.copy_(w)
     return dict(zip(TERMS, values, strict=True)) | {"grad_norm": norm}
-
-def terms_text(values: list[float]) -> str:
-    return ", ".join(f"{t}={v:.4g}" for t, v in zip(TERMS, values, strict=True))
 
 # --- The run: main's numbered sections ----------------------------------------------------------
 RANK = int(os.environ.get("RANK", 0))                 # torchrun's; rank 0 prints and writes
@@ -313,8 +244,7 @@ class Stopped(Exception):
     """A signal came: last.pt is saved and the run ends with status 128 + the signal's number."""
 
 def on_signal(signum: int, frame) -> None:
-    """Stop after the step under way (one process: at once in an evaluation; DDP ranks finish it and
-    stop together); a second SIGINT ends at once."""
+    """Stop after the step under way (one process: at once in an evaluation); a second SIGINT: at once."""
     if STOP["signal"] and signum == signal.SIGINT:
         raise SystemExit(128 + signum)
     STOP["signal"] = STOP["signal"] or signum
@@ -328,16 +258,13 @@ def say(*args, **kwargs) -> None:
         print(*args, **kwargs, flush=True)
 
 def log(run: dict, row: dict) -> None:
-    """A row of log.jsonl (evaluate.write_curves reads them), rank 0."""
-    if RANK == 0:
+    if RANK == 0:                                     # log.jsonl: a JSON object per line
         with open(run["out"] / "log.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
 
 def main(argv: list[str] | None = None) -> Detector | None:
-    """Train as the command line says; this rank's trained model (None: --plot, a finished run)."""
+    """Train as the command line says; this rank's trained model (None: a finished run)."""
     cfg, ckpt, start = read_command_line(argv)        # flags, files and --out: checked first
-    if cfg.plot:
-        return print(evaluate.write_curves(Path(cfg.plot)))
     done = ckpt and (ckpt["epoch"] >= cfg.epochs or 0 < cfg.max_iters <= ckpt["iteration"])
     if done and ckpt["evaluated_at"] == ckpt["iteration"]:     # a finished run: nothing to do
         return say(f"{cfg.resume}: this run is finished (iteration {ckpt['iteration']}, {ckpt['epoch']} of "
@@ -374,13 +301,13 @@ def train(cfg: Config, ckpt: dict | None, start: dict | None, world: int, device
     parts = build_parts(dataclasses.replace(cfg, backbone="") if ckpt else cfg, len(train_data.cat_ids),
                         start, world, device)
     # 4. resume: weights, optimizer, scaler, EMA and the position (the config is the checkpoint's)
-    for name in ("model", "optimizer", "scaler", "ema") if ckpt else ():
-        if getattr(parts, name) is not None:
-            getattr(parts, name).load_state_dict(ckpt[name])
+    for name in [n for n in ("model", "optimizer", "scaler", "ema") if ckpt and getattr(parts, n)]:
+        getattr(parts, name).load_state_dict(ckpt[name])
+    Path(cfg.out).mkdir(parents=True, exist_ok=True)
     run = {k: ckpt[k] for k in POSITION} if ckpt else dict(POSITION)
     run |= dict(train_data=train_data, val_data=val_data, train_set=train_set, sampler=sampler, steps=steps,
                 total=cfg.epochs * steps, planned=min(cfg.epochs * steps, cfg.max_iters or math.inf),
-                out=make_folder(cfg), start=time.time(), first=run["iteration"], seconds=0.0,
+                out=Path(cfg.out), start=time.time(), first=run["iteration"], seconds=0.0,
                 kept=run["iteration"] if ckpt else None)
     log(run, {"resumed" if ckpt else "started": run["iteration"], "config": dataclasses.asdict(cfg)})
     say(f"{world} process(es) on {device}, amp {parts.amp_dtype}; {len(train_data)} training images, "
@@ -400,8 +327,6 @@ def train(cfg: Config, ckpt: dict | None, start: dict | None, world: int, device
         save_checkpoints(cfg, parts, run)
         say(f"stopped by {signal.Signals(STOP['signal']).name} at iteration {run['iteration']}; saved "
             f"last.pt (continue with --resume {run['out'] / 'last.pt'})")
-        if RANK == 0:
-            say(evaluate.write_curves(run["out"]))
         raise SystemExit(128 + STOP["signal"]) from None
     except NonFinite as e:                            # nothing saved, exit 1
         say(f"iteration {run['iteration']} (epoch {run['epoch']}): {e}; stopped without saving; " + (
@@ -409,20 +334,19 @@ def train(cfg: Config, ckpt: dict | None, start: dict | None, world: int, device
             "no checkpoint of this run yet"), file=sys.stderr)
         log(run, {"iteration": run["iteration"], "non_finite": str(e)})
         raise SystemExit(1) from None
-    # 6. the end: metrics.json, Figure 3, curves.png
+    # 6. the end: metrics.json, Figure 3
     if RANK == 0:
         finish(cfg, parts, run)
     return parts.model
 
 def open_data(cfg: Config, world: int) -> tuple[data.CocoDetection, data.CocoDetection]:
-    """(training, validation) sets: a step of images at least, the same categories. The synthetic
-    set is written once, by whichever rank comes first (make_synthetic renames it into place)."""
+    """(training, validation) sets: a step of images at least, the same categories."""
     paths = dict(train_images=cfg.train_images, train_json=cfg.train_ann, val_images=cfg.val_images,
                  val_json=cfg.val_ann)
-    if cfg.data and not cfg.train_ann:
-        paths = {f"{s}_{kind}": str(Path(cfg.data, *p)) for s in ("train", "val") for kind, p in
-                 (("images", [f"{s}2017"]), ("json", ["annotations", f"instances_{s}2017.json"]))}
-    elif not cfg.train_ann:
+    for split in ("train", "val") if cfg.data and not cfg.train_ann else ():     # COCO 2017
+        paths |= {f"{split}_images": f"{cfg.data}/{split}2017",
+                  f"{split}_json": f"{cfg.data}/annotations/instances_{split}2017.json"}
+    if not cfg.data and not cfg.train_ann:            # written once, by the first rank to get there
         paths = data.make_synthetic(n_train=cfg.synthetic_train, n_val=cfg.synthetic_val)
     train_data = data.CocoDetection(paths["train_images"], paths["train_json"], cfg.include_crowd)
     val_data = data.CocoDetection(paths["val_images"], paths["val_json"])
@@ -439,26 +363,27 @@ def build_parts(cfg: Config, num_classes: int, start: dict | None, world: int, d
     """The Detector (--backbone, --weights), EMA, SGD on the decay groups, AMP, SyncBN, DDP."""
     model = build_model(cfg, num_classes)
     if start is not None:
-        renewed = transfer_weights(model, start, cfg.weights)
-        say(f"--weights {cfg.weights}: {len(start)} tensors" + (f"; {len(renewed)} prediction convs keep "
-            f"their box and objectness rows, new class rows for {num_classes} classes" if renewed else ""))
+        renewed = evaluate.transfer_weights(model, start, cfg.weights)
+        say(f"--weights {cfg.weights}: {len(start)} tensors" + f"; {len(renewed)} prediction convs keep "
+            f"their box and objectness rows, new class rows for {num_classes} classes" * bool(renewed))
     layout = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = model.to(device, memory_format=layout)
     ema = copy.deepcopy(model).eval().requires_grad_(False) if cfg.ema else None
     if world > 1 and device.type == "cuda":           # Sec. 3.1's synchronized BN (gloo has none)
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    set_train_mode(model, cfg.freeze_bn)
+    for m in model.modules() if cfg.freeze_bn else ():   # --freeze-bn: BatchNorm statistics fixed
+        if isinstance(m, (torch.nn.BatchNorm2d, torch.nn.SyncBatchNorm)):
+            m.eval()
     optimizer = torch.optim.SGD(param_groups(model, cfg.weight_decay, cfg.decay_all), 0.0, cfg.momentum)
     amp_dtype = amp_dtype_for(cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    ids = [device.index] if device.type == "cuda" else None
-    ddp = model if world == 1 else DistributedDataParallel(model, device_ids=ids)
+    ddp = model if world == 1 else DistributedDataParallel(model)   # on the device of its parameters
     return Parts(model, torch.compile(ddp) if cfg.compile else ddp, optimizer, scaler, amp_dtype, device,
                  world, ema, RANK)
 
 def train_epoch(cfg: Config, parts: Parts, run: dict) -> None:
-    """The rest of the epoch (its mixup, Sec. 3.4, and DropBlock, ASFF*): a train_step per batch
-    and a status line every --log-every; all ranks stop after the step in which any got a signal."""
+    """The rest of the epoch (its mixup, Sec. 3.4, and DropBlock, ASFF*), a status line every --log-every
+    steps; all ranks stop after the step in which any got a signal."""
     epoch, per_step = run["epoch"], cfg.batch_size * cfg.accumulate
     run["train_set"].set_epoch(epoch)
     run["train_set"].mixup = mixup_on(cfg, epoch)
@@ -473,8 +398,6 @@ def train_epoch(cfg: Config, parts: Parts, run: dict) -> None:
         size, lr = size_at(cfg, it, epoch), lr_at(cfg, it, run["total"], parts.world)
         try:
             values = train_step(parts, batches, cfg, it, size, lr)
-        except data.UserError as e:                   # from a loader worker, torch adds its traceback
-            raise type(e)(str(e).strip().splitlines()[-1].split("Error: ", 1)[-1]) from None
         except torch.cuda.OutOfMemoryError as e:
             raise data.UserError(f"out of memory at iteration {it}: input size {size} x {size}, batch "
                                  f"{cfg.batch_size}; lower --batch-size or --size-max") from e
@@ -496,7 +419,9 @@ def stop_together(parts: Parts) -> None:
 
 def status(cfg: Config, parts: Parts, run: dict, row: dict) -> None:
     """The status line (rank 0) and its log.jsonl row; images/s and ETA over this process's steps."""
-    it, done, memory = row["iteration"], row["iteration"] - run["first"], peak_memory_mb(parts.device)
+    it, done = row["iteration"], row["iteration"] - run["first"]
+    memory = (torch.cuda.max_memory_allocated(parts.device) / 2**20 if parts.device.type == "cuda" else
+              resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)          # Linux: KiB
     row["images_per_s"] = done * cfg.batch_size * cfg.accumulate * parts.world / run["seconds"]
     eta = (run["planned"] - it) * run["seconds"] / done / 60
     say(f"epoch {row['epoch'] + 1}/{cfg.epochs} iter {it}/{run['planned']} | " + " ".join(
@@ -535,21 +460,15 @@ def save_checkpoints(cfg: Config, parts: Parts, run: dict, best: bool = False) -
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-        if hasattr(os, "O_DIRECTORY"):                # the folder's entry too (POSIX)
-            folder = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-            os.fsync(folder)
-            os.close(folder)
+        os.replace(tmp, path)                         # a crash leaves the old file or the new one
     run["kept"] = run["iteration"]
 
 def finish(cfg: Config, parts: Parts, run: dict) -> None:
-    """metrics.json, Figure 3 of a validation image with 3-5 objects (else the first), curves.png."""
+    """metrics.json, Figure 3 of a validation image with 3-5 objects (else the first)."""
     out, val, minutes = run["out"], run["val_data"], (time.time() - run["start"]) / 60
     images = (run["iteration"] - run["first"]) * cfg.batch_size * cfg.accumulate * parts.world
-    summary = {k: float(run["metrics"][k]) for k in evaluate.PAPER_COLUMNS} | dict(
-        iterations=run["iteration"], epochs=run["epoch"] + run["batch_in_epoch"] / run["steps"],
-        eval_size=cfg.eval_size, world_size=parts.world, wall_time_s=minutes * 60,
-        train_images_per_s=images / max(run["seconds"], 1e-9))
+    summary = run["metrics"] | dict(iterations=run["iteration"], wall_time_s=60 * minutes,
+                                    train_images_per_s=images / max(run["seconds"], 1e-9))
     (out / "metrics.json").write_text(json.dumps(summary, indent=1))
     pick = min(range(len(val)), key=lambda i: (not 3 <= len(val.load_targets(i)) <= 5, i))
     try:
@@ -557,26 +476,19 @@ def finish(cfg: Config, parts: Parts, run: dict) -> None:
                       name="demo", conf=0.2)
     except data.DataError as e:                       # an unreadable image: no picture, the run stands
         say(f"figure3_demo.png not drawn: {e}")
-    say(evaluate.write_curves(out))
     say(f"done in {minutes:.1f} min: AP {summary['AP']:.3f}, AP50 {summary['AP50']:.3f}; wrote {out}")
 
 # --- The command line: a flag per Config field; the files and the folder checked first ----------
 RESUME_MAY_DIFFER = ("out", "resume", "max_iters", "log_every", "eval_every", "workers", "threads",
-                     "exist_ok", "debug", "plot", "channels_last", "compile")   # how, not what
-RELEASE = "the authors' release: github.com/GOATmessi8/ASFF, its README links each file"
-WHERE = {"backbone": f"darknet53.conv.74 (pjreddie.com/media/files) or darknet53_feature_mx.pth ({RELEASE})",
-         "weights": f"our last.pt, yolov3_asff.pth ({RELEASE}) or yolov3.weights (pjreddie.com/media/files)",
-         "resume": "a train.py run's last.pt or its folder"}
-RUN_FILES = ("last.pt", "best.pt", "log.jsonl", "metrics.json", "figure3_demo.png", "curves.png")
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message: str):                    # one line, not the 60-flag usage block
-        self.exit(2, f"{self.prog}: error: {message} (see -h)\n")
+                     "debug", "channels_last", "compile")   # how, not what
+WHERE = {"backbone": "darknet53.conv.74 (pjreddie.com/media/files) or the authors' darknet53_feature_mx.pth "
+         "(github.com/GOATmessi8/ASFF)", "weights": evaluate.WEIGHT_FILES, "resume": "a run's last.pt"}
+RUN_FILES = ("last.pt", "best.pt", "log.jsonl", "metrics.json", "figure3_demo.png")
 
 def read_command_line(argv: list[str] | None = None) -> tuple[Config, dict | None, dict | None]:
     """(Config, --resume's checkpoint, --weights' state dict): a flag per Config field over the
     defaults (DEMO's without data, the checkpoint's with --resume); refused here if anything can be."""
-    parser = Parser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
+    parser = data.Parser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
                     argument_default=argparse.SUPPRESS, epilog="examples: README.md. Exit status: 0 done, "
                     "1 a non-finite step, 2 a bad flag or file, 128 + N stopped by signal N (last.pt saved).")
     shown = lambda v: "none" if v in ("", None) else v
@@ -591,20 +503,23 @@ def read_command_line(argv: list[str] | None = None) -> tuple[Config, dict | Non
     if given.get("resume") and Path(given["resume"]).is_dir():
         given["resume"] = str(Path(given["resume"]) / "last.pt")
     for name in [name for name in ("resume", "weights", "backbone") if given.get(name)]:
-        if not given.get("plot") and not Path(given[name]).is_file():
+        if not Path(given[name]).is_file():
             raise data.UserError(f"--{name} {given[name]}: no such file; it takes {WHERE[name]}")
     if given.get("weights") and (given.get("resume") or given.get("backbone")):
         raise data.UserError("--weights starts a new run from a whole detector: it goes with neither "
                              "--resume (which continues a run) nor --backbone (which it includes)")
-    ckpt = resume_checkpoint(given) if given.get("resume") and not given.get("plot") else None
-    base = {} if given.get("data") or given.get("train_ann") or given.get("plot") else DEMO
+    ckpt = resume_checkpoint(given) if given.get("resume") else None
+    base = {} if given.get("data") or given.get("train_ann") else DEMO
     if ckpt is not None:                              # the run's own folder unless --out is given
         base = {k: v for k, v in ckpt["config"].items() if k in Config.__dataclass_fields__} | {
-            "out": str(Path(given["resume"]).parent), "exist_ok": False}
-    cfg = Config(**base | given)
-    if cfg.plot:
-        return cfg, None, None
-    cfg, start = weights_architecture(cfg, given) if cfg.weights and ckpt is None else (cfg, None)
+            "out": str(Path(given["resume"]).parent)}
+    cfg, start = Config(**base | given), None
+    if cfg.weights and ckpt is None:                  # the file's architecture; flags given must agree
+        flags = {k: None if given[k] == "auto" else given[k] for k in ARCHITECTURE if k in given}
+        source, saved = evaluate.load_detector(cfg.weights, **flags)
+        arch = {k: v for k, v in saved["model_args"].items() if k in ARCHITECTURE} | {
+            "anchors": saved["model_args"]["anchors"] or "auto"}
+        cfg, start = dataclasses.replace(cfg, **arch), source.state_dict()
     custom = (cfg.train_images, cfg.train_ann, cfg.val_images, cfg.val_ann)
     if cfg.size_min > cfg.size_max:
         raise data.UserError(f"--size-min {cfg.size_min} is over --size-max {cfg.size_max}")
@@ -612,9 +527,10 @@ def read_command_line(argv: list[str] | None = None) -> tuple[Config, dict | Non
         raise data.UserError("a set of your own takes --train-images, --train-ann, --val-images, --val-ann")
     if Path(cfg.out).is_file():
         raise data.UserError(f"--out {cfg.out}: a file, not a folder")
-    if (held := another_run(cfg)) and not cfg.exist_ok:
+    held = [name for name in RUN_FILES if (Path(cfg.out) / name).exists()]
+    if held and not (ckpt and Path(cfg.resume).resolve().parent == Path(cfg.out).resolve()):
         raise data.UserError(f"{cfg.out} already holds a run ({', '.join(held)}): continue it with --resume "
-                             f"{Path(cfg.out) / 'last.pt'}, give a new --out, or --exist-ok to replace it")
+                             f"{Path(cfg.out) / 'last.pt'}, give a new --out, or remove that folder")
     return cfg, ckpt, start
 
 def resume_checkpoint(given: dict) -> dict:
@@ -630,31 +546,5 @@ def resume_checkpoint(given: dict) -> dict:
         raise data.UserError(f"{given['resume']} was made with another configuration: {', '.join(differ)}")
     return ckpt
 
-def weights_architecture(cfg: Config, given: dict) -> tuple[Config, dict]:
-    """--weights: the file's architecture (flags given must agree) and its state dict."""
-    flags = {k: None if given[k] == "auto" else given[k] for k in ARCHITECTURE if k in given}
-    source, saved = evaluate.load_detector(cfg.weights, **flags)
-    start = source.state_dict()
-    arch = saved.get("model_args") or dict(   # a released file: full width and depth, SPP but darknet's
-        fusion=source.fusion_mode, guided=source.guided, width=1.0, depth=1.0,
-        spp=not cfg.weights.endswith(".weights"), rfb=any(".rfb." in k for k in start))
-    return dataclasses.replace(cfg, **{k: v or "auto" if k == "anchors" else v for k, v in arch.items()
-                                       if k in ARCHITECTURE}), start
-
-def another_run(cfg: Config) -> list[str]:
-    """The files of a run in --out other than the one --resume continues."""
-    own = cfg.resume and Path(cfg.resume).resolve().parent == Path(cfg.out).resolve()
-    return [] if own else [name for name in RUN_FILES if (Path(cfg.out) / name).exists()]
-
-def make_folder(cfg: Config) -> Path:
-    """Once the start-up checks passed: the run folder (--exist-ok: another run's files go)."""
-    for name in another_run(cfg) if RANK == 0 else []:
-        (Path(cfg.out) / name).unlink()
-        say(f"--exist-ok: removed {Path(cfg.out) / name} of another run")
-    Path(cfg.out).mkdir(parents=True, exist_ok=True)
-    return Path(cfg.out)
-
 if __name__ == "__main__":
-    if "--debug" in sys.argv[1:]:
-        os.environ["ASFF_DEBUG"] = "1"    # data.exit_on_user_error then shows the traceback
     data.exit_on_user_error(main)

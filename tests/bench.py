@@ -283,6 +283,12 @@ def random_batches(n: int, batch: int, size: int, num_classes: int, objects: int
             for _ in range(n)]
 
 
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024           # Linux: KiB
+
+
 def train_benchmark(cfg: train.Config, steps: int, device: torch.device,
                     num_classes: int = 80) -> dict:
     """`steps` timed train_step calls (forward, loss, backward, SGD step) of the configured
@@ -290,15 +296,9 @@ def train_benchmark(cfg: train.Config, steps: int, device: torch.device,
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    model = train.build_model(cfg, num_classes).to(device)
-    train.set_train_mode(model, cfg.freeze_bn)
-    optimizer = torch.optim.SGD(train.param_groups(model, cfg.weight_decay, cfg.decay_all),
-                                lr=1e-6, momentum=cfg.momentum)
-    amp_dtype = train.amp_dtype_for(cfg, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    size, per_step = cfg.size_max, cfg.batch_size * cfg.accumulate
+    parts = train.build_parts(cfg, num_classes, None, 1, device)     # the model, SGD, AMP as train.py's
+    amp_dtype, size, per_step = parts.amp_dtype, cfg.size_max, cfg.batch_size * cfg.accumulate
     batches = iter(random_batches((steps + 1) * cfg.accumulate, cfg.batch_size, size, num_classes))
-    parts = train.Parts(model, model, optimizer, scaler, amp_dtype, device)
     step = lambda: train.train_step(parts, batches, cfg, 0, size, 1e-6)  # noqa: E731
     seconds = [timed_ms(step, device)[0] / 1000 for _ in range(steps + 1)]
     timed = sorted(seconds[1:])
@@ -308,7 +308,7 @@ def train_benchmark(cfg: train.Config, steps: int, device: torch.device,
     summary = {"images_per_s": round(per_step / median, 3), "s_per_step": round(median, 4),
                "batch": per_step, "size": size, "fusion": cfg.fusion or "none", "rfb": cfg.rfb,
                "width": cfg.width, "depth": cfg.depth, "device": where, "amp": str(amp_dtype),
-               "peak_mb": round(train.peak_memory_mb(device)), "steps_timed": len(timed)}
+               "peak_mb": round(peak_memory_mb(device)), "steps_timed": len(timed)}
     print(f"training throughput: Detector(fusion={cfg.fusion!r}, rfb={cfg.rfb}, width "
           f"{cfg.width}, depth {cfg.depth}) on {where}, amp {amp_dtype}, batch {per_step} at "
           f"{size}x{size}")

@@ -493,7 +493,7 @@ def test_checkpoint_loads_its_ema_or_raw_weights_and_a_mismatch_names_the_key(tm
         for ema_flag, expected in ((None, ema), (False, raw)):       # the EMA weights by default
             loaded, saved = ev.load_detector(path, ema_flag)
             torch.testing.assert_close(loaded.eval()(x), expected(x), rtol=0, atol=0)
-            assert saved["model_args"] == SMALL
+            assert saved["model_args"] == ev.DETECTOR_DEFAULTS | SMALL
     wrong = save_checkpoint(tmp_path / "b.pt", raw, model_args=SMALL | {"num_classes": 6})
     with pytest.raises(ev.data.DataError, match=r"b\.pt: .* size mismatch for heads\.s32\.pred\.weight: "
                                                 r"copying a param with shape torch\.Size\(\[40, .* model is "
@@ -583,21 +583,20 @@ def test_model_of_another_class_count_is_refused_naming_both(tmp_path):
             ev.main(["--weights", ckpt] + common)
         assert str(error.value).startswith(f"{ckpt}: {classes} classes, but "
                                            f"{paths['val_json']} has 5 categories")
-    with pytest.raises(data.DataError, match=r"random weights \(--num-classes 80\): 80 classes"):
-        ev.main(common + ["--width", "0.125", "--depth", "0.33"])
+    with pytest.raises(data.DataError, match=r"random weights: 80 classes"):
+        ev.main(common)
 
 
 def test_flag_contradicting_the_checkpoint_is_refused_naming_both_values(tmp_path):
     head = pytest.importorskip("head")
     ckpt = save_checkpoint(tmp_path / "c.pt", head.Detector(**SMALL), eval_size=64,
                            class_names=list("abcde"), cat_ids=[1, 2, 3, 4, 5])
-    for argv, message in ((["--fusion", "sum"], f"--fusion sum contradicts {ckpt}, a model with "
-                                                "fusion asff"),
-                          (["--fusion", "none"], "--fusion none contradicts .* fusion asff"),
-                          (["--width", "0.5"], "--width 0.5 contradicts .* width 0.25"),
-                          (["--rfb"], "--rfb True contradicts .* rfb False")):
+    for flags, message in ((dict(fusion="sum"), f"--fusion sum contradicts {ckpt}, a model with fusion asff"),
+                           (dict(fusion=None), "--fusion none contradicts .* fusion asff"),
+                           (dict(width=0.5), "--width 0.5 contradicts .* width 0.25"),
+                           (dict(rfb=True), "--rfb True contradicts .* rfb False")):   # train.py's flags
         with pytest.raises(ev.data.UserError, match=message):
-            ev.main(["--weights", ckpt, "--export", str(tmp_path / "m.pt2")] + argv)
+            ev.load_detector(ckpt, **flags)
     model, saved = ev.load_detector(ckpt, fusion="asff", num_classes=5)   # agreeing flags: fine
     assert model.num_classes == 5 and saved["eval_size"] == 64 and saved["class_names"] == list("abcde")
 
@@ -607,7 +606,7 @@ def test_help_names_every_flag_with_its_default_and_the_toy_shows_its_boxes(caps
         ev.main(["-h"])
     text = " ".join(capsys.readouterr().out.split())          # argparse wraps lines: unwrap
     flags = re.findall(r"^\s+(--[a-z-]+)", ev.__doc__ and ev.build_parser().format_help(), re.M)
-    assert len(flags) >= 20 and text.count("(default: ") == len(flags)   # -h's own line has none
+    assert len(flags) > 10 and text.count("(default: ") == len(flags)   # -h's own line has none
     described = {piece.split()[0]: piece for piece in text.split("options:")[1].split(" --")}
     for flag, default in (("nms", "0.6"), ("batch-size", "8"), ("eval-size", "None"), ("raw", "False")):
         assert described[flag].endswith(f"(default: {default})"), described[flag]
@@ -627,13 +626,13 @@ def run_script(tmp_path, *argv):
 
 def test_user_errors_end_in_one_line_and_status_2(tmp_path):
     (tmp_path / "notes.pt").write_text("not a checkpoint\n")
-    cases = ((["--data", str(tmp_path / "coco"), "--width", "0.125"], "error: --data", "no such folder"),
+    cases = ((["--data", str(tmp_path / "coco")], "error: --data", "no such folder"),
              (["--weights", "notes.pt"], "error: notes.pt", "not a checkpoint"),
              (["--weights", "yolov3_asff.pth"], "error: yolov3_asff.pth", "github.com/GOATmessi8/ASFF"),
-             (["--eval-size", "200"], "argument --eval-size", "'200': a multiple of 32"),
-             (["--nms", "1.5"], "argument --nms", "not in [0, 1]"),
+             (["--eval-size", "200"], "argument --eval-size", "'200': must be a multiple of 32"),
+             (["--nms", "1.5"], "argument --nms", "'1.5': must be a number in [0, 1]"),
              (["--siz", "64"], "unrecognized arguments", "--siz 64"),
-             (["--device", "gpu0"], "argument --device", "'gpu0': not cpu or a GPU"),
+             (["--device", "gpu0"], "argument --device", "'gpu0': must be cpu, or cuda with a GPU"),
              (["--weights", "notes.pt", "--debug"], "Traceback", "UserError"))
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:    # the runs side by side
         runs = list(pool.map(lambda case: run_script(tmp_path, *case[0]), cases))

@@ -328,7 +328,7 @@ def test_deform_conv_under_bf16_autocast_samples_in_float32(monkeypatch):
 @pytest.mark.parametrize("guided", [True, False])
 @pytest.mark.parametrize("classes_from, classes_to", [(80, 3), (5, 3), (3, 3), (3, 7)])
 def test_transfer_keeps_box_rows_and_reinitialises_class_rows(guided, classes_from, classes_to):
-    from train import transfer_weights
+    from evaluate import transfer_weights
     torch.manual_seed(0)
     trained = Detector(classes_from, fusion="asff", guided=guided, width=0.125, depth=0.34)
     with torch.no_grad():                                    # "trained": every value moved
@@ -353,7 +353,7 @@ def test_transfer_keeps_box_rows_and_reinitialises_class_rows(guided, classes_fr
 
 def test_transfer_from_a_released_file_of_another_class_count(tmp_path):
     """A released-format ASFF checkpoint (80 classes) -> load_released -> 3 classes."""
-    from train import transfer_weights
+    from evaluate import transfer_weights
     released = Detector(80, fusion="asff", width=0.125, depth=0.34)
     path = tmp_path / "yolov3_asff.pth"
     torch.save(small_released_state(released), path)
@@ -365,7 +365,7 @@ def test_transfer_from_a_released_file_of_another_class_count(tmp_path):
 
 
 def test_transfer_refuses_another_architecture_naming_key_file_and_shapes():
-    from train import transfer_weights
+    from evaluate import transfer_weights
     model = Detector(3, fusion="asff", width=0.125, depth=0.34)
     with pytest.raises(ValueError, match=r"f\.pt: .*fusion\.s\d+\."):                # names a missing key
         transfer_weights(model, Detector(3, fusion=None, width=0.125, depth=0.34).state_dict(), "f.pt")

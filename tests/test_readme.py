@@ -298,12 +298,6 @@ def same_setting(text, saved) -> bool:
 
 
 def run_train(args: list[str]) -> None:
-    if "--plot" in args:                                  # redraws a run's curves, no training
-        picture = Path(args[args.index("--plot") + 1]) / "curves.png"
-        picture.unlink()
-        train.main(args)
-        assert picture.stat().st_size > 0
-        return
     short = SHORT["train"] + (["--max-iters", "2"] if "--resume" in args else [])
     train.main(args + short)
     flags = given_flags(args)
@@ -318,6 +312,12 @@ def run_train(args: list[str]) -> None:
 
 
 def run_evaluate(args: list[str]) -> None:
+    if "--curves" in args:                                # redraws a run's curves
+        picture = Path(args[args.index("--curves") + 1]) / "curves.png"
+        picture.unlink()
+        evaluate.main(args)
+        assert picture.stat().st_size > 0
+        return
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         evaluate.main(args + SHORT["evaluate"])
