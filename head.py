@@ -220,7 +220,7 @@ class Detector(nn.Module):
         self.dropblock, self.strides, self.n_slots = dropblock, STRIDES, 4 if guided else 3
         anchors = ANCHOR_SETS[anchors] if isinstance(anchors, str) else anchors  # "released"/"yolov3"
         anchors = anchors or (RELEASED_ANCHORS if guided else DARKNET_ANCHORS)
-        self.anchors = torch.tensor(anchors, dtype=torch.float32)              # (9, 2) w, h
+        self.register_buffer("anchors", torch.tensor(anchors).float(), persistent=False)  # (9, 2) w, h
         self.backbone = DarkNet53(width, depth)
         self.pyramid = Pyramid(width, spp)
         head_c = {s: scale_channels(c, width) for s, c in ((32, 1024), (16, 512), (8, 256))}

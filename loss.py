@@ -11,13 +11,16 @@ compute_loss(outputs, targets, model, **switches) -> dict of 0-d tensors
                                                   "anchor_log": (B, S, 2, H, W) or None}}
     targets: B tensors (N_b, 6) = [class, cx, cy, w, h, mix] in input pixels
     returns total, anchor, iou, l1 (= xy + wh), xy, wh, obj, cls, the same per level as
-    f"{term}_s{stride}", and `dropped` (boxes removed as invalid, int64).
+    f"{term}_s{stride}", and `dropped` (target rows left out as invalid, int64).
 Steps: prepare_targets -> assign_targets -> slot_targets -> ignore_mask / adjacent_ignore ->
 level_loss (its six terms, each a sum / batch size). `python loss.py`: a hand-made case.
+Fixed shapes: targets padded to T rows per image (T: the longest list), all rows computed, masks
+where rows do not count, so a GPU step never waits for the host (tests/test_loss.py: meta tensors).
 
 The released objective (docs/released-code.md: assignment, loss terms, label smoothing, guided-
-anchor gradient) except on input it never sees: invalid boxes are dropped (counted), centres on or
-past the border use the nearest cell, boxes larger than the image weigh 1, -ln(IoU) clamps at 1e-7.
+anchor gradient) except on input it never sees: invalid rows (class id outside [0, C) included)
+are dropped (counted), centres on or past the border use the nearest cell, boxes larger than the
+image weigh 1, -ln(IoU) clamps at 1e-7.
 """
 
 import math
@@ -26,8 +29,9 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.utils.rnn import pad_sequence
 
-from head import ANCHOR_MASKS, FREE_SLOT_SCALE, RELEASED_ANCHORS, STRIDES
+from head import ANCHOR_MASKS, FREE_SLOT_SCALE, RELEASED_ANCHORS, STRIDES, decode_level
 
 IOU_FORMS = ("1-iou^2", "-ln(iou)", "1-iou")
 TERMS = ("total", "anchor", "iou", "l1", "obj", "cls")   # what train.py logs and plots
@@ -35,39 +39,47 @@ FREE_SLOT = 3          # the anchor-free slot follows the level's three anchor s
 UNION_EPS = 1e-16      # released: added to every IoU union
 # Bound on the log-shape g (Level.anchors): objects of 1-1333 px on bases of 10-373 px need |g| < 5.9;
 MAX_ANCHOR_LOG = math.log(1e4)   # at ln(1e4) anchor areas stay finite in float32 (a run reached 136.6)
+IGNORE_CHUNK = 1 << 20  # ignore_mask's pairs per pass: 4 MB temporaries stay in cache (2x faster than 16 MB)
 
 
 class GroundTruth(NamedTuple):
-    """The valid objects of a batch, flattened image by image, rows in their original order."""
+    """Target rows padded to T per image, flattened image by image (N = B*T, original order, then
+    padding). Rows not `valid` hold a 1 x 1 box, class 0, mix 0: every row computes finitely."""
     image: Tensor    # (N,) int64 image index b
     row: Tensor      # (N,) int64 row in that image's target tensor
     cls: Tensor      # (N,) int64 class
     box: Tensor      # (N, 4) cx, cy, w, h in input pixels
     mix: Tensor      # (N,) mixup ratio of the object's image
-    dropped: Tensor  # () int64, rows removed as invalid
+    valid: Tensor    # (N,) bool, a real row that passed the checks
+    dropped: Tensor  # () int64, real rows found invalid
 
 
 class LevelAssignment(NamedTuple):
-    """One row per object whose best anchor lies on this level, in object order."""
+    """One row per GroundTruth row, in object order; `on` marks the objects of this level."""
     gt: Tensor           # (n,) index into GroundTruth
+    on: Tensor           # (n,) bool: a valid object whose best anchor lies on this level
     image: Tensor        # (n,) b
     i: Tensor            # (n,) cell column
     j: Tensor            # (n,) cell row
-    anchor_slot: Tensor  # (n,) slot of the best anchor, 0..2
-    slot: Tensor         # (n,) positive slot, 0..2 or FREE_SLOT
+    anchor_slot: Tensor  # (n,) slot of the best anchor, 0..2 (where `on`)
+    slot: Tensor         # (n,) positive slot, 0..2 or FREE_SLOT (where `on`)
     best_iou: Tensor     # (n,) shape IoU with the best of the 9 anchors
     free_iou: Tensor     # (n,) shape IoU with the predicted free-slot shape (0 when not guided)
     best_anchor: Tensor  # (n,) index 0..8 of the best anchor
+    batch: int           # B, images in the batch (sizes slot_targets' per-slot tables)
+
+    def compact(self) -> "LevelAssignment":
+        """The rows `on` this level, to read (tests, demo); compute_loss never waits for a count."""
+        return LevelAssignment(*(t[self.on] for t in self[:-1]), self.batch)
 
 
 class SlotTargets(NamedTuple):
     """Targets of one level, resolved as the release writes them (a later object overwrites)."""
-    pos: Tensor          # (P,) flat (b, s, j, i) index of each positive slot
-    pos_gt: Tensor       # (P,) object last written there: offsets, sizes, class, mix, weight
-    pos_box_gt: Tensor   # (P,) object whose box the IoU loss compares with (last box written)
-    pos_of: Tensor       # (n,) positive row of each assigned object (for multi-hot classes)
-    shape_pos: Tensor    # (K,) flat index of each slot whose anchor learns a shape (anchor + free)
-    shape_gt: Tensor     # (K,) object last written there
+    slot_row: Tensor    # (B*S*H*W,) row last written at each slot as positive, -1 for none
+    pos_row: Tensor     # (n,) row last written at the row's positive slot (itself when not `on`)
+    positive: Tensor    # (n,) bool: `on` and last there: it trains box, objectness and class there
+    box_row: Tensor     # (n,) row whose box the IoU loss compares with (last box written there)
+    shape_last: Tensor  # (n, K) bool: `on` and last at its anchor (, free) slot: it trains the shape
 
 
 # ---------------------------------------------------------------------------------------------
@@ -134,111 +146,103 @@ class Level(NamedTuple):
 # Targets and assignment
 def prepare_targets(targets, num_classes: int, image_hw: tuple[int, int],
                     device=None, dtype=torch.float32) -> GroundTruth:
-    """Validate, flatten and filter the per-image (N_b, 6) targets: a class id outside
-    [0, num_classes) or not whole raises ValueError naming it and its image; boxes with w <= 0,
-    h <= 0, non-finite numbers or no overlap with the image are dropped and counted."""
+    """Pad the per-image (N_b, 6) targets to (B, T, 6), T = max N_b, and flatten them. Rows with a class
+    id outside [0, num_classes) or not whole, w or h <= 0, non-finite numbers or no overlap with the
+    image are not `valid`, counted in `dropped` (a raise would wait for the GPU); not 6 columns raises."""
     for b, t in enumerate(targets):
         if t.dim() != 2 or t.shape[1] != 6:
             raise ValueError(f"targets of image {b} have shape {tuple(t.shape)}, expected (N, 6)")
-    rows = torch.cat([t.to(device=device, dtype=dtype) for t in targets]
-                     + [torch.zeros(0, 6, device=device, dtype=dtype)])        # (N_all, 6)
-    counts = torch.tensor([len(t) for t in targets], device=device, dtype=torch.long)
-    image = torch.repeat_interleave(torch.arange(len(targets), device=device), counts)  # (N_all,)
-    row = torch.arange(len(rows), device=device) - (torch.cumsum(counts, 0) - counts)[image]  # (N_all,)
-    cls = rows[:, 0]
-    bad = ~torch.isfinite(cls) | (cls < 0) | (cls >= num_classes) | (cls != cls.round())
-    if bad.any():
-        k = int(bad.nonzero()[0, 0])
-        raise ValueError(f"class id {cls[k].item()} in image {int(image[k])} (row {int(row[k])}) "
-                         f"is outside [0, {num_classes})")
-    (cx, cy, w, h), (H, W) = rows[:, 1:5].unbind(1), image_hw
-    keep = (torch.isfinite(rows[:, 1:6]).all(1) & (w > 0) & (h > 0)
-            & (cx + w / 2 > 0) & (cx - w / 2 < W) & (cy + h / 2 > 0) & (cy - h / 2 < H))
-    return GroundTruth(image[keep], row[keep], cls[keep].long(), rows[keep, 1:5],
-                       rows[keep, 5], (~keep).sum())
+    rows = pad_sequence([t.to(dtype) for t in targets], batch_first=True, padding_value=math.nan)  # (B, T, 6)
+    rows = F.pad(rows, (0, 0, 0, int(rows.shape[1] == 0)), value=math.nan)    # T >= 1 row to gather
+    rows = rows.to(device, non_blocking=rows.is_cpu)   # host -> GPU without waiting for the GPU
+    (B, T, _), (cls, cx, cy, w, h, mix), (H, W) = rows.shape, rows.unbind(-1), image_hw  # (B, T) each
+    valid = (torch.isfinite(rows).all(-1) & (cls >= 0) & (cls < num_classes) & (cls == cls.round())
+             & (w > 0) & (h > 0) & (cx + w / 2 > 0) & (cx - w / 2 < W) & (cy + h / 2 > 0)
+             & (cy - h / 2 < H))                                      # (B, T), NaN padding fails
+    image, row = torch.meshgrid(*(torch.arange(n, device=rows.device) for n in (B, T)), indexing="ij")
+    box = torch.where(valid[..., None], rows[..., 1:5], 1.0)                   # (B, T, 4)
+    return GroundTruth(image.flatten(), row.flatten(), torch.where(valid, cls, 0).long().flatten(),
+                       box.view(-1, 4), torch.where(valid, mix, 0).flatten(), valid.flatten(),
+                       sum(len(t) for t in targets) - valid.sum())
 
 
 def assign_targets(gt: GroundTruth, anchors: Tensor, levels: dict[int, Level]) -> dict[int, LevelAssignment]:
-    """Level, cell, slot of every object (Sec. 3.1): the best of the 9 anchors by shape IoU picks
-    level and anchor slot a, the cell holds the centre (clamped); when guided, the free slot takes
-    it if its predicted shape 4 * stride * exp(g) there overlaps it strictly better than a."""
-    best_iou, best = shape_iou(gt.box[:, None, 2:], anchors.to(gt.box)[None]).max(dim=1)  # (N,) of 9
-    out = {}
+    """Level, cell, slot of every object (Sec. 3.1), all rows on every level: the best of the 9 anchors
+    by shape IoU picks the level (`on`) and anchor slot a, the cell holds the centre (clamped); when
+    guided, the free slot takes it if its predicted shape 4 * stride * exp(g) fits strictly better."""
+    anchors = anchors.to(gt.box, non_blocking=True)[None]                      # (1, 9, 2) host -> GPU
+    best_iou, best = shape_iou(gt.box[:, None, 2:], anchors).max(dim=1)        # (N,) of 9
+    out, n = {}, torch.arange(len(best), device=best.device)                   # (N,)
     for stride, level in levels.items():
-        mask, (H, W) = torch.tensor(ANCHOR_MASKS[stride], device=best.device), level.pred.shape[-2:]
-        n, a = (best[:, None] == mask).nonzero().unbind(1)     # objects of this level, anchor slot
-        i = torch.floor(gt.box[n, 0] / stride).long().clamp(0, W - 1)          # (n,) centre's cell
-        j = torch.floor(gt.box[n, 1] / stride).long().clamp(0, H - 1)          # (n,)
-        b, slot, free_iou = gt.image[n], a, torch.zeros_like(best_iou[n])      # (n,) each
+        (H, W), B = level.pred.shape[-2:], level.pred.shape[0]
+        match = torch.stack([best == k for k in ANCHOR_MASKS[stride]], dim=1)  # (N, 3) is anchor a best
+        on, a = match.any(dim=1) & gt.valid, match.int().argmax(dim=1)         # (N,) each
+        i = torch.floor(gt.box[:, 0] / stride).long().clamp(0, W - 1)          # (N,) centre's cell
+        j = torch.floor(gt.box[:, 1] / stride).long().clamp(0, H - 1)          # (N,)
+        slot, free_iou = a, torch.zeros_like(best_iou)                         # (N,) each
         if level.anchor_log is not None:   # the anchor-free slot takes the object if it fits better
-            free_wh = level.anchors(b, torch.full_like(a, FREE_SLOT), j, i).detach()  # (n, 2)
-            free_iou = shape_iou(gt.box[n, 2:], free_wh)                       # (n,)
-            slot = torch.where(free_iou > best_iou[n], FREE_SLOT, a)
-        out[stride] = LevelAssignment(n, b, i, j, a, slot, best_iou[n], free_iou, best[n])
+            free_wh = level.anchors(gt.image, torch.full_like(a, FREE_SLOT), j, i).detach()  # (N, 2)
+            free_iou = shape_iou(gt.box[:, 2:], free_wh)                       # (N,)
+            slot = torch.where(free_iou > best_iou, FREE_SLOT, a)
+        out[stride] = LevelAssignment(n, on, gt.image, i, j, a, slot, best_iou, free_iou, best, B)
     return out
 
 
-def last_writer(keys: Tensor, order: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """"A later object takes the slot": for each distinct slot `keys` the largest `order` (object
-    index) among its writers -> (distinct slots (U,) sorted, winner (U,), place in U of each write)."""
-    uniq, inverse = torch.unique(keys, return_inverse=True)                   # (U,), (K,)
-    winner = torch.full_like(uniq, -1).scatter_reduce(0, inverse, order, "amax")  # (U,)
-    return uniq, winner, inverse
+def last_writer(keys: Tensor, on: Tensor, size: int) -> Tensor:
+    """"A later object takes the slot": (size,) the last (largest) row among the rows `on` writing
+    each slot, -1 if none; keys (n, K) flat slot indices. A scatter of amax: deterministic, no sort."""
+    rows = torch.arange(len(keys), device=keys.device)[:, None].expand_as(keys)  # (n, K)
+    writer = torch.where(on[:, None], rows, -1)                                 # (n, K)
+    return keys.new_full((size,), -1).scatter_reduce(0, keys.flatten(), writer.flatten(), "amax")
 
 
 def slot_targets(assign: LevelAssignment, n_slots: int, grid: tuple[int, int], guided: bool) -> SlotTargets:
-    """Which slots train, on which object: the release's per-object writes, all at once.
-    An object trains two slots at its cell: the positive one (`slot`: its anchor's, or the
-    anchor-free one if that fits better) learns box, objectness and class; its anchor's slot (and,
-    guided, the anchor-free one) learns the guided shape. A later object takes a slot written twice
-    (last_writer). Flat index of slot s at cell (j, i) of image b: ((b * S + s) * H + j) * W + i.
+    """Which slots train, on which object: the release's per-object writes, all at once. An object
+    trains two slots at its cell: the positive one (`slot`: its anchor's, or the anchor-free one if
+    that fits better) learns box, objectness and class; its anchor's slot (and, guided, the anchor-free
+    one) learns the guided shape. A later object takes a slot written twice (last_writer); rows not
+    `on` write nothing. Flat index of slot s at cell (j, i) of image b: ((b * S + s) * H + j) * W + i.
     Example (stride 8, 32 x 32 cells, S = 4): objects 0 (20 x 20) and 1 (18 x 24) in cell (i, j) =
     (12, 7), both matched best by anchor (16, 30), slot 1 (index (1 * 32 + 7) * 32 + 12 = 1260; free
-    slot 3: 3308). Positive writes 1260 <- 0, 1: one positive, object 1's. Shape writes 1260 <- 0, 1
-    and 3308 <- 0, 1: both learn object 1's shape. (With different anchors both would be positive.)"""
+    slot 3: 3308). Positive writes 1260 <- 0, 1: slot_row[1260] = 1, pos_row [1, 1], positive [False,
+    True]: one positive, object 1's. Shape writes 1260 <- 0, 1 and 3308 <- 0, 1: shape_last [[False,
+    False], [True, True]]: both learn object 1's shape. (With different anchors both would be positive.)"""
     (H, W), flat = grid, lambda slot: ((assign.image * n_slots + slot) * H + assign.j) * W + assign.i
-    pos, pos_gt, pos_of = last_writer(flat(assign.slot), assign.gt)           # the positive slots
+    rows = torch.arange(len(assign.gt), device=assign.gt.device)              # (n,)
+    pos = flat(assign.slot)                                                    # (n,) positive slots
     shape_slots = [assign.anchor_slot] + ([torch.full_like(assign.slot, FREE_SLOT)] if guided else [])
-    shape_pos, shape_gt, _ = last_writer(torch.cat([flat(s) for s in shape_slots]),
-                                         assign.gt.repeat(len(shape_slots)))  # (K,) slots learning shapes
-    # a positive slot is a shape slot too; its IoU target is the box last written there as a shape
-    pos_box_gt = shape_gt[torch.searchsorted(shape_pos, pos)]                 # (P,)
-    return SlotTargets(pos, pos_gt, pos_box_gt, pos_of, shape_pos, shape_gt)
-
-
-def ignore_candidates(gt: GroundTruth, stride: int, grid: tuple[int, int], ignore_thre: float
-                      ) -> tuple[Tensor, Tensor, Tensor]:
-    """(object, row j, column i) of every cell whose predictions might reach IoU > t with it: that
-    needs x-overlap ox > t * max(w_p, w_g) (inter <= ox * min(h), union >= either area), ox <=
-    (w_p + w_g) / 2 - |dx|, so |dx| < D * w_g, D = (1 - t) * max(1, 1 / (2t)), likewise y. Cells
-    touching that window (0.1% slack) go to the exact IoU: ~80x fewer pairs at 608, 20 objects."""
-    H, W = grid
-    D = (1 - ignore_thre) * max(1.0, 1 / (2 * ignore_thre)) * 1.001
-    limit = torch.tensor([W - 1, H - 1], device=gt.box.device)
-    lo = torch.ceil((gt.box[:, :2] - D * gt.box[:, 2:]) / stride).long() - 1  # (N, 2) i0, j0
-    hi = torch.floor((gt.box[:, :2] + D * gt.box[:, 2:]) / stride).long()     # (N, 2) i1, j1
-    lo, hi = lo.clamp(min=0).minimum(limit), hi.clamp(min=0).minimum(limit)
-    size = (hi - lo + 1).clamp(min=0)                                          # (N, 2) x, y cells
-    count = size[:, 0] * size[:, 1]                                            # (N,)
-    g = torch.repeat_interleave(torch.arange(len(count), device=count.device), count)  # (T,)
-    k = torch.arange(len(g), device=g.device) - (torch.cumsum(count, 0) - count)[g]     # (T,)
-    return g, lo[g, 1] + k // size[g, 0], lo[g, 0] + k % size[g, 0]
+    shape_pos = torch.stack([flat(s) for s in shape_slots], dim=1)            # (n, K) shape slots
+    slot_row = last_writer(pos[:, None], assign.on, assign.batch * n_slots * H * W)  # (B*S*H*W,)
+    shape_row = last_writer(shape_pos, assign.on, len(slot_row))              # (B*S*H*W,)
+    pos_row = torch.where(assign.on, slot_row[pos], rows)                     # (n,)
+    box_row = torch.where(assign.on, shape_row[pos], rows)   # (n,) a positive slot is a shape slot too
+    shape_last = assign.on[:, None] & (shape_row[shape_pos] == rows[:, None])  # (n, K)
+    return SlotTargets(slot_row, pos_row, assign.on & (pos_row == rows), box_row, shape_last)
 
 
 def ignore_mask(level: Level, gt: GroundTruth, ignore_thre: float) -> Tensor:
-    """(B, S, H, W) bool: predictions whose decoded box has IoU > ignore_thre (in (0, 1]) with any
-    object of their image. They get no objectness loss (YOLOv3's rule; released at 0.7)."""
+    """(B, S, H, W) bool: predictions whose decoded box has IoU > ignore_thre (in (0, 1]) with any valid
+    object of their image, all pairs, IGNORE_CHUNK at a time. No objectness loss there (YOLOv3; 0.7)."""
     if not 0 < ignore_thre <= 1:
         raise ValueError(f"ignore_thre must lie in (0, 1], got {ignore_thre}")
-    B, S, _, H, W = level.pred.shape
-    mask = torch.zeros(B * S * H * W, dtype=torch.bool, device=level.pred.device)
-    g, j, i = ignore_candidates(gt, level.stride, (H, W), ignore_thre)        # (T,) each
-    b, s, j, i = gt.image[g, None], torch.arange(S, device=g.device), j[:, None], i[:, None]  # (T, 1), (S,)
-    with torch.no_grad():
-        iou = iou_cxcywh(level.boxes(b, s, j, i), gt.box[g, None])             # (T, S)
-    flat = ((b * S + s) * H + j) * W + i                                       # (T, S)
-    mask[flat[iou > ignore_thre]] = True
+    (B, S, _, H, W), g = level.pred.shape, level.anchor_log
+    with torch.no_grad():            # every slot, decoded as Level.boxes decodes it (g bounded)
+        g = None if g is None else g.clamp(-MAX_ANCHOR_LOG, MAX_ANCHOR_LOG)   # (B, S, 2, H, W)
+        boxes = decode_level(level.pred[:, :, :4], g, level.stride, level.sizes)  # (B, S, H, W, 4)
+    boxes = boxes.view(B, -1, 4).mT.contiguous().mT[:, None]  # (B, 1, S*H*W, 4) held as x, y, w, h planes
+    objects, valid = gt.box.view(B, -1, 1, 4), gt.valid.view(B, -1, 1)        # (B, T, 1, 4), (B, T, 1)
+    mask = torch.zeros(B, S * H * W, dtype=torch.bool, device=boxes.device)  # (B, S*H*W)
+    for t in range(0, valid.shape[1], step := max(1, IGNORE_CHUNK // (B * S * H * W))):  # objects a chunk
+        iou = iou_cxcywh(boxes, objects[:, t:t + step])                        # (B, step, S*H*W)
+        mask |= ((iou > ignore_thre) & valid[:, t:t + step]).any(dim=1)
     return mask.view(B, S, H, W)
+
+
+def cell_span(centre: Tensor, half: Tensor, stride: int, n: int) -> tuple[Tensor, Tensor]:
+    """First, last of the n cells (`stride` px) that centre +- half overlaps (half 0: centre's), clamped."""
+    lo = torch.floor((centre - half) / stride).long()                          # (...)
+    hi = torch.maximum(lo, torch.ceil((centre + half) / stride).long() - 1)   # (...)
+    return lo.clamp(0, n - 1), hi.clamp(0, n - 1)
 
 
 def adjacent_ignore(assign: dict[int, LevelAssignment], gt: GroundTruth, batch: int,
@@ -247,19 +251,15 @@ def adjacent_ignore(assign: dict[int, LevelAssignment], gt: GroundTruth, batch: 
     overlap its centre region ratio * (w, h) (ratio 0: the centre's cell) -> {stride: (B, H, W)}."""
     out = {s: torch.zeros(batch, *grids[s], dtype=torch.bool, device=gt.box.device) for s in STRIDES}
     for level, stride in enumerate(STRIDES):
-        box = gt.box[assign[stride].gt]                                        # (n, 4)
-        half = ratio * box[:, 2:] / 2                                          # (n, 2)
-        for neighbour in (n for n in STRIDES[max(level - 1, 0):level + 2] if n != stride and len(box)):
+        a = assign[stride]
+        box, half = gt.box[a.gt], ratio * gt.box[a.gt, 2:] / 2                 # (n, 4), (n, 2)
+        for neighbour in (n for n in STRIDES[max(level - 1, 0):level + 2] if n != stride):
             H, W = grids[neighbour]
-            size = torch.tensor([W - 1, H - 1], device=box.device)
-            lo = torch.floor((box[:, :2] - half) / neighbour).long()           # (n, 2) i0, j0
-            hi = torch.maximum(lo, torch.ceil((box[:, :2] + half) / neighbour).long() - 1)
-            lo, hi = lo.clamp(min=0).minimum(size), hi.clamp(min=0).minimum(size)
+            i0, i1 = cell_span(box[:, 0, None, None], half[:, 0, None, None], neighbour, W)  # (n, 1, 1)
+            j0, j1 = cell_span(box[:, 1, None, None], half[:, 1, None, None], neighbour, H)  # (n, 1, 1)
             i, j = torch.arange(W, device=box.device), torch.arange(H, device=box.device)[:, None]
-            covered = ((i >= lo[:, None, None, 0]) & (i <= hi[:, None, None, 0])
-                       & (j >= lo[:, None, None, 1]) & (j <= hi[:, None, None, 1]))  # (n, H, W)
-            per_image = torch.zeros(batch, H, W, device=box.device)
-            out[neighbour] |= per_image.index_add_(0, assign[stride].image, covered.float()) > 0
+            covered = a.on[:, None, None] & (i >= i0) & (i <= i1) & (j >= j0) & (j <= j1)  # (n, H, W)
+            out[neighbour] |= box.new_zeros(batch, H, W).index_add_(0, a.image, covered.to(box)) > 0
     return out
 
 
@@ -270,9 +270,10 @@ def box_weight(wh: Tensor, image_area: float) -> Tensor:
     return 2 - (wh[:, 0] * wh[:, 1]).clamp(max=image_area) / image_area
 
 
-def anchor_loss(anchor_wh: Tensor, gt_wh: Tensor, form: str) -> Tensor:
-    """Guided-anchor shape IoU loss (Sec. 3.1), centred shapes; (K, 2) x (K, 2) -> ()."""
-    return iou_loss_form(shape_iou(anchor_wh, gt_wh), form).sum()
+def anchor_loss(anchor_wh: Tensor, gt_wh: Tensor, form: str, weight: Tensor | None = None) -> Tensor:
+    """Guided-anchor shape IoU loss (Sec. 3.1), centred shapes, x weight (..., None: 1); (..., 2) -> ()."""
+    l_iou = iou_loss_form(shape_iou(anchor_wh, gt_wh), form)                  # (...)
+    return (l_iou if weight is None else weight * l_iou).sum()
 
 
 def box_loss(boxes: Tensor, gt_boxes: Tensor, weight: Tensor, form: str) -> Tensor:
@@ -298,15 +299,15 @@ def objectness_loss(logit: Tensor, target: Tensor, weight: Tensor) -> Tensor:
     return F.binary_cross_entropy_with_logits(logit, target, weight, reduction="sum")
 
 
-def class_loss(logits: Tensor, target: Tensor) -> Tensor:
-    """BCE of the independent class sigmoids at the positives, weight 1; (P, C) -> ()."""
-    return F.binary_cross_entropy_with_logits(logits, target, reduction="sum")
+def class_loss(logits: Tensor, target: Tensor, weight: Tensor | None = None) -> Tensor:
+    """BCE of the independent class sigmoids x weight (1 at the positives, None: 1); (P, C) -> ()."""
+    return F.binary_cross_entropy_with_logits(logits, target, weight, reduction="sum")
 
 
 def class_targets(pos_cls: Tensor, obj_cls: Tensor, pos_of: Tensor, num_classes: int,
                   label_smooth: bool, like: Tensor) -> Tensor:
-    """(P, C) class targets: released smoothing (true class 1 - 1/C, others 1/C) from each
-    positive's last object pos_cls (P,); without, ones from every object obj_cls (n,) at pos_of (n,)."""
+    """(P, C) class targets: released smoothing (true class 1 - 1/C, others 1/C) from each row's (last)
+    object's class pos_cls (P,); without, ones from every object obj_cls (n,) at its row pos_of (n,)."""
     P = len(pos_cls)
     if label_smooth:
         target = like.new_full((P, num_classes), 1 / num_classes)              # (P, C)
@@ -321,30 +322,28 @@ def class_targets(pos_cls: Tensor, obj_cls: Tensor, pos_of: Tensor, num_classes:
 # One level, then the whole objective
 def level_loss(level: Level, gt: GroundTruth, assign: LevelAssignment, st: SlotTargets, ignored: Tensor, *,
                iou_loss: bool, shape_loss: bool, iou_form: str, label_smooth: bool) -> dict[str, Tensor]:
-    """The six terms of one level, each a sum divided by the batch size; ignored (B, S, H, W)."""
+    """The six terms of one level, each a sum divided by the batch size; ignored (B, S, H, W). Every row
+    is computed at its slots, weight 0 where it does not train (st.positive / shape_last False)."""
     B, S, _, H, W = level.pred.shape
-    b, s, j, i = torch.unravel_index(st.pos, (B, S, H, W))                     # (P,) each
-    rows = level.pred[b, s, :, j, i]                                           # (P, 5+C)
-    pos_anchor = level.anchors(b, s, j, i)                                     # (P, 2)
-    box = gt.box[st.pos_gt]                                                    # (P, 4)
-    cell = torch.stack([i, j], dim=1).to(box)                                  # (P, 2)
-    weight = box_weight(box[:, 2:], H * W * level.stride ** 2)                 # (P,)
+    b, s, j, i = assign.image, assign.slot, assign.j, assign.i                 # (n,) each
+    rows = level.pred[b, s, :, j, i]                                           # (n, 5+C)
+    box, cell = gt.box[assign.gt], torch.stack([i, j], dim=1).to(gt.box)      # (n, 4), (n, 2)
+    weight = box_weight(box[:, 2:], H * W * level.stride ** 2) * st.positive   # (n,) 0 off positives
     terms = {"anchor": level.pred.new_zeros(()), "iou": level.pred.new_zeros(()),
              "xy": offset_loss(rows[:, :2], (box[:, :2] / level.stride - cell).clamp(0, 1), weight),
-             "wh": size_loss(rows[:, 2:4], pos_anchor, box[:, 2:], weight)}
+             "wh": size_loss(rows[:, 2:4], level.anchors(b, s, j, i), box[:, 2:], weight)}
     if shape_loss:                       # both the anchor slot and the free slot learn the shape
-        shape_anchor = level.anchors(*torch.unravel_index(st.shape_pos, (B, S, H, W)))  # (K, 2)
-        terms["anchor"] = anchor_loss(shape_anchor, gt.box[st.shape_gt, 2:], iou_form)
+        shape_slot = torch.stack([assign.anchor_slot, torch.full_like(s, FREE_SLOT)], dim=1)  # (n, 2)
+        shape_anchor = level.anchors(b[:, None], shape_slot, j[:, None], i[:, None])  # (n, 2, 2)
+        terms["anchor"] = anchor_loss(shape_anchor, box[:, None, 2:], iou_form, st.shape_last.to(box))
     if iou_loss:
-        boxes = level.boxes(b, s, j, i)                                        # (P, 4)
-        terms["iou"] = box_loss(boxes, gt.box[st.pos_box_gt], weight, iou_form)
-    obj_weight = (~ignored).to(box).flatten()                                 # (B*S*H*W,)
-    obj_weight[st.pos] = gt.mix[st.pos_gt]                # positives set back, weighted by mixup
-    obj_target = torch.zeros_like(obj_weight).index_fill_(0, st.pos, 1.0)    # (B*S*H*W,)
-    terms["obj"] = objectness_loss(level.pred[:, :, 4].flatten(), obj_target, obj_weight)
-    cls_target = class_targets(gt.cls[st.pos_gt], gt.cls[assign.gt], st.pos_of,
-                               rows.shape[1] - 5, label_smooth, box)           # (P, C)
-    terms["cls"] = class_loss(rows[:, 5:], cls_target)
+        terms["iou"] = box_loss(level.boxes(b, s, j, i), box[st.box_row], weight, iou_form)
+    positive, mix = st.slot_row >= 0, gt.mix[assign.gt][st.slot_row.clamp(min=0)]  # (B*S*H*W,) each
+    obj_weight = torch.where(positive, mix, (~ignored).flatten().to(box))    # positives: mixup ratio
+    terms["obj"] = objectness_loss(level.pred[:, :, 4].flatten(), positive.to(box), obj_weight)
+    cls = gt.cls[assign.gt]                                                    # (n,)
+    cls_target = class_targets(cls, cls, st.pos_row, rows.shape[1] - 5, label_smooth, box)  # (n, C)
+    terms["cls"] = class_loss(rows[:, 5:], cls_target, st.positive[:, None].to(box))
     return {k: v / max(B, 1) for k, v in terms.items()}
 
 
@@ -357,8 +356,8 @@ def compute_loss(outputs: dict, targets, model, iou_loss: bool | None = None, io
     if iou_form not in IOU_FORMS:
         raise ValueError(f"iou_form {iou_form!r} is not one of {IOU_FORMS}")
     iou_loss = model.guided if iou_loss is None else iou_loss
-    levels = {s: Level(s, outputs[s]["pred"], outputs[s]["anchor_log"],
-                       model.slot_sizes(s).to(outputs[s]["pred"])) for s in STRIDES}
+    levels = {s: Level(s, outputs[s]["pred"], outputs[s]["anchor_log"],   # host -> GPU, no wait
+                       model.slot_sizes(s).to(outputs[s]["pred"], non_blocking=True)) for s in STRIDES}
     grids = {s: tuple(level.pred.shape[-2:]) for s, level in levels.items()}
     finest = levels[STRIDES[-1]]
     B, image_hw = finest.pred.shape[0], tuple(n * finest.stride for n in grids[finest.stride])
@@ -419,11 +418,12 @@ def _demo() -> dict[str, tuple[float, float]]:
     ignored = ignore_mask(level, gt, 0.7)                                         # (1, 4, H, W)
     terms = level_loss(level, gt, assign, st, ignored, iou_loss=True, shape_loss=True, iou_form="1-iou^2",
                        label_smooth=True)
+    assign = assign.compact()                                 # the objects of this level, to read
     print(f"One {size} x {size} image, {C} classes, stride {stride}: {H} x {W} cells x 4 slots (anchors "
           f"{sizes[:3].int().tolist()}, anchor-free {sizes[3].int().tolist()}).\nThe head predicts 0: each "
           "box is its slot's anchor centred in its cell, each probability 0.5.\n")
     _demo_assignment(gt, assign, anchors)
-    P, n_ignored = len(st.pos), int(ignored.flatten().index_fill(0, st.pos, False).sum())
+    P, n_ignored = int((st.slot_row >= 0).sum()), int((ignored.flatten() & (st.slot_row < 0)).sum())
     print(f"\n{P} positive slots, {n_ignored} ignored (decoded box IoU > 0.7 with an object: no "
           f"objectness loss), {4 * H * W - P - n_ignored} negatives.\n")
     box = gt.box[assign.gt]                                                       # (n, 4)
