@@ -5,9 +5,8 @@ Boxes are float32 rows (N, 6) [x1, y1, x2, y2, class, mix] in pixels (mix: 1 but
 collate turns them into the loss's (N, 6) [class, cx, cy, w, h, mix].
     CocoDetection(image_dir, ann_file) -> .coco (pycocotools), .cat_ids, .class_names; load_image(i)
         -> (uint8 (H, W, 3), image id); load_targets(i) -> rows. make_synthetic() -> paths
-    TrainDataset(data, size)[i] -> (uint8 (3, size, size), rows); collate(batch) -> (float (B, 3,
-        S, S), targets), or on the device: to_input(*stack_batch(batch), size); random_size(seed,
-        iteration) -> S; resize_batch(images, targets, size)
+    TrainDataset(data, size)[i] -> (uint8 (3, size, size), rows); collate(batch) -> (float (B, 3, S,
+        S), targets), on the device to_input(*stack_batch(batch), size); random_size(seed, iteration)
 Per sample, as released (docs/released-code.md; not in the paper): mixup, colour, zoom out, SSD
 crop, flip, small affine, resize; sample i of epoch e draws from the stream [seed, e, i]. All draws
 come first, then the pixels: a JPEG decoded at the coarsest DCT scale that covers the output, mixup
@@ -653,8 +652,9 @@ def loss_targets(rows: torch.Tensor) -> torch.Tensor:
 
 def _normalize_(x: torch.Tensor) -> torch.Tensor:
     """float (B, 3, H, W) in 0..255 -> (x / 255 - MEAN) / STD, in place, on x's device."""
-    mean, std = (torch.tensor(v, device=x.device).view(1, 3, 1, 1) for v in (MEAN, STD))  # (1, 3, 1, 1)
-    return x.mul_(1 / (255 * std)).add_(-mean / std)  # (B, 3, H, W)
+    for c, (mean, std) in enumerate(zip(MEAN, STD)):  # Python floats: nothing to copy to a GPU and wait
+        x[:, c].mul_(1 / (255 * std)).add_(-mean / std)  # (B, H, W)
+    return x
 
 def normalize(image: np.ndarray, size) -> torch.Tensor:
     """uint8 (H, W, 3) RGB -> (3, size, size): bilinear resize as released (OpenCV's), ImageNet mean, std."""
@@ -687,11 +687,11 @@ def resize_batch(images: torch.Tensor, targets: list, size: int):
     if (H, W) == (size, size):
         return images, targets
     images = F.interpolate(images, (size, size), mode="bilinear", align_corners=False)  # (B, 3, size, size)
-    scale = torch.tensor([1, size / W, size / H, size / W, size / H, 1])  # [cls, cx, cy, w, h, mix]
-    return images, [t * scale.to(t) for t in targets]
+    scale = images.new_ones(6)  # [cls, cx, cy, w, h, mix], filled on the device (no copy, no wait)
+    scale[1:5:2], scale[2:5:2] = size / W, size / H
+    return images, [t * scale for t in targets]
 
-# --- The script: `python data.py` draws training samples; --check reads a data set as training
-# does and says what it holds (the loader's speed: `python tests/bench.py data`)
+# --- The script: `python data.py` draws training samples; --check reads a data set as training does
 def demo(out: str, root: str | None, seed: int) -> None:
     """8 augmented, mixed samples of a small synthetic set, drawn with their boxes and mix ratios."""
     paths = make_synthetic(root, n_train=32, n_val=4, seed=seed)

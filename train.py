@@ -410,11 +410,11 @@ def train_epoch(cfg: Config, parts: Parts, run: dict) -> None:
 
 def stop_together(parts: Parts) -> None:
     """Stopped on every rank when any rank got a signal: all stop at the same point."""
-    signum = torch.tensor([STOP["signal"]], device=parts.device)
-    if parts.world > 1:
+    if parts.world > 1:                               # one all-reduce: the signal of any rank
+        signum = torch.tensor([STOP["signal"]], device=parts.device)
         dist.all_reduce(signum, dist.ReduceOp.MAX)
-    if signum.item():
         STOP["signal"] = int(signum.item())
+    if STOP["signal"]:
         raise Stopped
 
 def status(cfg: Config, parts: Parts, run: dict, row: dict) -> None:

@@ -10,6 +10,7 @@ against a figure of one machine.
 
 import os
 import subprocess
+import warnings
 from pathlib import Path
 
 import pytest
@@ -134,6 +135,29 @@ def test_training_steps_under_each_amp_mode_stay_finite(dtype):
         assert scaler.get_scale() == 2.0 ** (16 - skipped) and skipped < len(moved), moved
     else:
         assert all(moved)
+
+
+@needs_gpu
+def test_a_training_step_waits_for_the_gpu_once():
+    """set_sync_debug_mode("warn") warns at each call that makes the host wait for the GPU: a step in
+    bf16 (fp32 below compute capability 8.0) waits once, to read its report (the progress line, the
+    non-finite check); the batch arrives pinned, as train.py's DataLoader gives it."""
+    bf16 = torch.cuda.get_device_capability() >= (8, 0)
+    cfg = train.Config(**train.DEMO | {"amp": "bf16" if bf16 else "none", "batch_size": 4})
+    parts = train.build_parts(cfg, 5, None, 1, GPU)
+    batches = iter([(images.pin_memory(), [t.pin_memory() for t in targets])
+                    for images, targets in bench.random_batches(3, 4, 192, 5)])
+    train.train_step(parts, batches, cfg, 0, 128, 1e-4)          # cuDNN's choices, the allocator
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            train.train_step(parts, batches, cfg, 1, 160, 1e-4)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    waits = [str(w.message) for w in said if "synchroniz" in str(w.message).lower()]
+    assert len(waits) == 1, waits
 
 
 def ddp_rank(rank: int, world: int, init: str, images, targets, out: str) -> None:
