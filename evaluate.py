@@ -493,7 +493,7 @@ def export(model, path, infer: Inference, class_names) -> Path:
 def build_parser() -> argparse.ArgumentParser:
     size, unit, count = data.SIZE, data.FRACTION, data.COUNT
     p = data.Parser(description=__doc__.split("\n")[0], allow_abbrev=False,
-               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--weights", help="our checkpoint, an authors' .pth or darknet's .weights; none: random")
     p.add_argument("--raw", action="store_true", help="our checkpoint's raw weights, not the EMA")
     p.add_argument("--data", help="a COCO root (val2017/, annotations/); none: the run's synthetic set")

@@ -489,8 +489,8 @@ def read_command_line(argv: list[str] | None = None) -> tuple[Config, dict | Non
     """(Config, --resume's checkpoint, --weights' state dict): a flag per Config field over the
     defaults (DEMO's without data, the checkpoint's with --resume); refused here if anything can be."""
     parser = data.Parser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
-                    argument_default=argparse.SUPPRESS, epilog="examples: README.md. Exit status: 0 done, "
-                    "1 a non-finite step, 2 a bad flag or file, 128 + N stopped by signal N (last.pt saved).")
+                         argument_default=argparse.SUPPRESS, epilog="examples: README.md. Exit status: 0 "
+                         "done, 1 a non-finite step, 2 a bad flag or file, 128 + N stopped by signal N.")
     shown = lambda v: "none" if v in ("", None) else v
     for f in dataclasses.fields(Config):
         demo = f"; the demo: {shown(DEMO[f.name])}" if f.name in DEMO else ""
