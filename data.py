@@ -10,7 +10,7 @@ collate turns them into the loss's (N, 6) [class, cx, cy, w, h, mix].
 Per sample, as released (docs/released-code.md; not in the paper): mixup, colour, zoom out, SSD
 crop, flip, small affine, resize; sample i of epoch e draws from the stream [seed, e, i]. All draws
 come first, then the pixels: a JPEG decoded at the coarsest DCT scale that covers the output, mixup
-and colour only where the crop keeps, one warp (departures: README.md). `python data.py` draws
+and colour only where the crop keeps, one warp (departures: docs/released-code.md). `python data.py` draws
 samples, `--check --images DIR --ann FILE` checks a set (bad input: docs/data.md).
 """
 
